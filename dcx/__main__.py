@@ -1,0 +1,3 @@
+from dcx.cli.main import main
+
+main()

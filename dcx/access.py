@@ -1,0 +1,119 @@
+"""Operator access to a cluster from this machine.
+
+- `ssh/known_hosts`: OpenSSH-format host keys, one per node, keyed by node name (HostKeyAlias), so
+  `ssh`, `scp` and docker's SSH transport verify what dcx recorded on first use.
+- `ssh/config`: a Host entry per node plus `dcx-NAME` for the first manager, with the cluster key.
+- `~/.ssh/config` gets one `Include` line for every dcx cluster's ssh/config (added once, after a
+  backup; `DCX_NO_SSH_CONFIG=1` skips it), because docker's SSH transport can only use the user's
+  ssh configuration.
+- a docker context `dcx-NAME` (`host=ssh://dcx-NAME`), so `docker --context dcx-NAME service ls` works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from dcx.log import log
+from dcx.state import ClusterDir, ClusterState, atomic_write, dcx_home, ensure_private_dir
+
+INCLUDE_MARK = "# added by dcx: per-cluster ssh settings"
+
+
+def context_name(cluster: str) -> str:
+    return f"dcx-{cluster}"
+
+
+def write_known_hosts(cdir: ClusterDir, host_keys: dict[str, dict[str, str]]) -> None:
+    ensure_private_dir(cdir.ssh_dir)
+    lines = [f"{name} {k['type']} {k['key']}\n" for name, k in sorted(host_keys.items())]
+    atomic_write(cdir.known_hosts, "".join(lines))
+
+
+def ssh_config_text(cdir: ClusterDir, state: ClusterState, manager: str | None) -> str:
+    blocks = []
+    nodes = sorted(state.nodes.values(), key=lambda n: n["name"])
+    entries = [(n["name"], n) for n in nodes]
+    if manager:
+        m = state.nodes.get(manager)
+        if m:
+            entries.insert(0, (context_name(state.name), m))
+    for alias, n in entries:
+        key = n.get("ssh_key") or str(cdir.private_key)
+        blocks.append(
+            f"Host {alias}\n"
+            f"  HostName {n['ssh_address']}\n"
+            f"  User {n.get('ssh_user', 'root')}\n"
+            f"  Port {n.get('ssh_port', 22)}\n"
+            f"  IdentityFile {key}\n"
+            "  IdentitiesOnly yes\n"
+            f"  HostKeyAlias {n['name']}\n"
+            f"  UserKnownHostsFile {cdir.known_hosts}\n"
+            "  StrictHostKeyChecking yes\n"
+        )
+    return f"# dcx cluster {state.name} (written by dcx; rewritten on every run)\n" + "\n".join(blocks)
+
+
+def user_ssh_config() -> Path:
+    # ssh reads the home directory from the password database, not $HOME; so do we.
+    import pwd
+
+    return Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh" / "config"
+
+
+def ensure_include() -> bool:
+    """Add `Include <DCX_HOME>/clusters/*/ssh/config` at the top of ~/.ssh/config, once."""
+    if os.environ.get("DCX_NO_SSH_CONFIG"):
+        return False
+    config = user_ssh_config()
+    include = f"Include {dcx_home()}/clusters/*/ssh/config"
+    text = config.read_text() if config.exists() else ""
+    if include in text:
+        return True
+    ensure_private_dir(config.parent)
+    if config.exists():
+        shutil.copy2(config, config.with_name("config.dcx-backup"))
+    # At the top: an Include after a Host block would only apply inside that block.
+    atomic_write(config, f"{INCLUDE_MARK}\n{include}\n\n{text}", 0o600)
+    return True
+
+
+def setup(cdir: ClusterDir, spec: Any, ctx: Any, state: ClusterState) -> dict[str, str]:
+    """Write ssh settings and (for swarm) the docker context. Returns what to tell the user."""
+    manager = ctx.shared.get("swarm_manager") or (ctx.control_hosts[0].name if ctx.control_hosts else None)
+    write_known_hosts(cdir, state.host_keys)
+    atomic_write(cdir.ssh_dir / "config", ssh_config_text(cdir, state, manager), 0o600)
+    info = {"ssh_config": str(cdir.ssh_dir / "config")}
+    included = ensure_include()
+    if spec.spec.engine.type == "swarm" and manager:
+        name = context_name(state.name)
+        info["docker_context"] = name if included and _docker_context(name) else ""
+        info["docker_host"] = f"ssh://{name}"
+    return info
+
+
+def _docker_context(name: str) -> bool:
+    docker = shutil.which("docker")
+    if not docker:
+        return False
+    host = f"host=ssh://{name}"
+    exists = subprocess.run([docker, "context", "inspect", name], capture_output=True, check=False).returncode == 0
+    verb = "update" if exists else "create"
+    proc = subprocess.run([docker, "context", verb, name, "--description", f"dcx cluster {name[4:]}",
+                           "--docker", host], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        log.warning("docker context %s failed: %s", verb, proc.stderr.strip())
+        return False
+    return True
+
+
+def teardown(cdir: ClusterDir, cluster: str) -> None:
+    docker = shutil.which("docker")
+    if docker:
+        with contextlib.suppress(OSError):
+            subprocess.run([docker, "context", "rm", "-f", context_name(cluster)], capture_output=True, check=False)
+    (cdir.ssh_dir / "config").unlink(missing_ok=True)

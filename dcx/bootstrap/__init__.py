@@ -1,0 +1,1 @@
+"""Bootstrap: ordered phases run over many hosts in parallel over SSH."""

@@ -1,0 +1,208 @@
+"""Host facts (OS family, arch, init system, docker) and the container runtime phases.
+
+Facts are a command plus a parser (after pyinfra): `FACTS_SCRIPT` prints key=value lines and
+`parse_facts` turns them into `Facts`. The install and start commands are pure functions of the
+facts, so every OS family and init system has table-driven tests even where it cannot run here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from dcx.bootstrap.phases import Host, Phase, RunContext
+from dcx.errors import OperationFailed
+from dcx.shell import q
+
+FACTS_SCRIPT = r"""
+. /etc/os-release 2>/dev/null
+echo "os_id=${ID:-unknown}"
+echo "os_like=${ID_LIKE:-}"
+echo "os_version=${VERSION_ID:-}"
+echo "arch=$(uname -m)"
+echo "kernel=$(uname -r)"
+echo "hostname=$(hostname)"
+echo "uid=$(id -u)"
+echo "cpus=$(nproc 2>/dev/null || echo 0)"
+echo "mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null)"
+echo "disk_kb=$(df -Pk / 2>/dev/null | awk 'NR==2 {print $4}')"
+echo "epoch=$(date +%s.%N 2>/dev/null || date +%s)"
+if [ -d /run/systemd/system ]; then echo init=systemd
+elif [ -e /run/openrc/softlevel ] || { command -v rc-service >/dev/null 2>&1 && [ -d /run/openrc ]; }; then echo init=openrc
+else echo init=none; fi
+echo "docker_bin=$(command -v dockerd 2>/dev/null)"
+if docker info --format '{{.ServerVersion}}' >/dev/null 2>&1; then echo docker_running=1; else echo docker_running=0; fi
+echo "docker_version=$(docker version --format '{{.Server.Version}}' 2>/dev/null)"
+echo "wg_bin=$(command -v wg 2>/dev/null)"
+echo "wggo_bin=$(command -v wireguard-go 2>/dev/null)"
+if [ -d /sys/module/wireguard ] || modprobe -n wireguard >/dev/null 2>&1; then echo wg_kernel=1; else echo wg_kernel=0; fi
+echo "sudo_ok=1"
+"""
+
+
+@dataclass
+class Facts:
+    os_id: str = "unknown"
+    os_like: str = ""
+    os_version: str = ""
+    arch: str = ""
+    kernel: str = ""
+    hostname: str = ""
+    uid: int = -1
+    cpus: int = 0
+    mem_kb: int = 0
+    disk_kb: int = 0
+    epoch: float = 0.0
+    init: str = "none"  # systemd | openrc | none
+    docker_bin: str = ""
+    docker_running: bool = False
+    docker_version: str = ""
+    wg_bin: str = ""
+    wggo_bin: str = ""
+    wg_kernel: bool = False
+
+    @property
+    def family(self) -> str:
+        """debian | rhel | alpine | suse | arch | unknown"""
+        ids = {self.os_id, *self.os_like.split()}
+        for family, members in FAMILIES.items():
+            if ids & members:
+                return family
+        return "unknown"
+
+
+FAMILIES: dict[str, set[str]] = {
+    "debian": {"debian", "ubuntu", "raspbian", "linuxmint", "pop"},
+    "rhel": {"rhel", "centos", "fedora", "rocky", "almalinux", "ol", "amzn"},
+    "alpine": {"alpine"},
+    "suse": {"suse", "opensuse", "opensuse-leap", "sles", "opensuse-tumbleweed"},
+    "arch": {"arch", "archarm", "manjaro"},
+}
+SUPPORTED_ARCHES = {"x86_64", "aarch64", "armv7l"}
+
+
+def parse_facts(text: str) -> Facts:
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key.strip()] = value.strip()
+    f = Facts()
+    for name, field in Facts.__dataclass_fields__.items():
+        if name not in values:
+            continue
+        raw = values[name]
+        if field.type in ("int",):
+            setattr(f, name, int(raw) if raw.lstrip("-").isdigit() else 0)
+        elif field.type in ("float",):
+            try:
+                setattr(f, name, float(raw))
+            except ValueError:
+                pass
+        elif field.type in ("bool",):
+            setattr(f, name, raw == "1")
+        else:
+            setattr(f, name, raw)
+    return f
+
+
+def gather_facts(host: Host) -> Facts:
+    result = host.run(FACTS_SCRIPT, timeout=60, check=True, what="gathering facts")
+    return parse_facts(result.stdout)
+
+
+class GatherFacts(Phase):
+    title = "Gather host facts"
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        host.facts = gather_facts(host)
+        if host.facts.arch and host.facts.arch not in SUPPORTED_ARCHES:
+            raise OperationFailed(f"unsupported architecture {host.facts.arch}")
+
+
+# --- installing the runtime -------------------------------------------------------------------
+
+
+def docker_install_commands(facts: Facts) -> list[str]:
+    """Docker Engine from the distribution's own packages, per OS family."""
+    family = facts.family
+    if family == "debian":
+        return [
+            "export DEBIAN_FRONTEND=noninteractive",
+            "apt-get update -q",
+            "apt-get install -y -q docker.io",
+        ]
+    if family == "rhel":
+        if facts.os_id == "amzn":
+            return ["yum install -y docker"]
+        if facts.os_id == "fedora":
+            return ["dnf install -y moby-engine"]
+        # RHEL and its rebuilds ship podman, not docker: Docker's own repository is the documented way.
+        return [
+            "dnf install -y dnf-plugins-core",
+            "dnf config-manager --add-repo https://download.docker.com/linux/centos/docker-ce.repo",
+            "dnf install -y docker-ce docker-ce-cli containerd.io",
+        ]
+    if family == "alpine":
+        return ["apk add --no-cache docker"]
+    if family == "suse":
+        return ["zypper --non-interactive install docker"]
+    if family == "arch":
+        return ["pacman -Sy --noconfirm docker"]
+    raise OperationFailed(f"unsupported OS '{facts.os_id}': install Docker on it first, then re-run")
+
+
+DOCKERD_PIDFILE = "/run/dcx/dockerd.pid"
+DOCKERD_LOG = "/var/log/dcx-dockerd.log"
+
+
+def docker_start_commands(facts: Facts) -> list[str]:
+    """Enable and start dockerd through the init system, or detached where none runs."""
+    if facts.init == "systemd":
+        return ["systemctl enable --now docker"]
+    if facts.init == "openrc":
+        return ["rc-update add docker default", "rc-service docker start"]
+    # No init system (containers, the local provider's namespace nodes): a detached dockerd with a
+    # pidfile, started only when none is running for this host.
+    return [
+        "mkdir -p /run/dcx",
+        f"if [ -f {DOCKERD_PIDFILE} ] && kill -0 \"$(cat {DOCKERD_PIDFILE})\" 2>/dev/null; then :; else "
+        f"setsid dockerd --pidfile {q(DOCKERD_PIDFILE)} >>{q(DOCKERD_LOG)} 2>&1 </dev/null & fi",
+    ]
+
+
+class InstallRuntime(Phase):
+    title = "Install container runtime"
+
+    def needs_run(self, ctx: RunContext, host: Host) -> bool:
+        return not host.facts.docker_bin
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        script = "set -e; " + "; ".join(docker_install_commands(host.facts))
+        host.run(script, timeout=900, check=True, what="installing docker")
+        host.facts.docker_bin = "dockerd"
+
+
+class StartRuntime(Phase):
+    title = "Start container runtime"
+
+    def needs_run(self, ctx: RunContext, host: Host) -> bool:
+        return not host.facts.docker_running
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        script = "set -e; " + "; ".join(docker_start_commands(host.facts))
+        host.run(script, timeout=120, check=True, what="starting docker")
+        wait_for_docker(host)
+        host.facts.docker_running = True
+
+
+def wait_for_docker(host: Host, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = host.run("docker info --format '{{.ServerVersion}}'", timeout=30)
+        if result.ok:
+            return
+        if time.monotonic() > deadline:
+            tail = host.run(f"tail -n 5 {DOCKERD_LOG} 2>/dev/null", timeout=15).stdout.strip()
+            raise OperationFailed(f"docker did not become ready within {timeout:.0f}s" + (f": {tail}" if tail else ""))
+        time.sleep(1.0)

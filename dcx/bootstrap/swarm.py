@@ -1,0 +1,302 @@
+"""Docker Swarm engine: init the first manager, join managers (one at a time) and workers, set
+labels and roles, verify through `docker node ls`.
+
+Join tokens are read from a manager at run time, registered with the redactor, and passed to the
+joining host on stdin (never on the SSH command string, never stored, never printed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from dcx.bootstrap.engines import ClusterEngine, NodeHealth, engine_address
+from dcx.bootstrap.phases import Host, Phase, RunContext, run_phases
+from dcx.errors import OperationFailed
+from dcx.log import log, register_secret
+from dcx.shell import cmd
+
+SWARM_PORT = 2377
+LABEL_NODE = "dcx.node"
+
+
+def swarm_info(host: Host) -> dict[str, Any]:
+    result = host.run("docker info --format '{{json .Swarm}}'", timeout=60, check=True, what="docker info")
+    return json.loads(result.stdout.strip() or "{}")
+
+
+def is_active(info: dict[str, Any]) -> bool:
+    return info.get("LocalNodeState") == "active"
+
+
+def is_manager(info: dict[str, Any]) -> bool:
+    return is_active(info) and bool(info.get("ControlAvailable"))
+
+
+def init_command(advertise: str, data_path: str | None = None) -> str:
+    argv = ["docker", "swarm", "init", "--advertise-addr", advertise, "--listen-addr", f"{advertise}:{SWARM_PORT}"]
+    if data_path:
+        argv += ["--data-path-addr", data_path]
+    return cmd(*argv)
+
+
+def join_command(advertise: str, manager_addr: str, data_path: str | None = None) -> str:
+    """The token arrives on stdin and lives only in a shell variable on the joining host."""
+    argv = ["docker", "swarm", "join", "--advertise-addr", advertise, "--listen-addr", f"{advertise}:{SWARM_PORT}"]
+    if data_path:
+        argv += ["--data-path-addr", data_path]
+    argv.append(f"{manager_addr}:{SWARM_PORT}")
+    head, _, tail = cmd(*argv).partition(" join ")
+    return 'IFS= read -r DCX_TOKEN; ' + head + ' join --token "$DCX_TOKEN" ' + tail
+
+
+class GatherSwarmState(Phase):
+    title = "Read swarm membership"
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        host.data["swarm"] = swarm_info(host)
+
+    def prepare(self, ctx: RunContext) -> None:
+        ctx.shared.pop("swarm_manager", None)
+
+
+def find_manager(ctx: RunContext) -> Host | None:
+    """An existing manager of this cluster: a re-run must never initialise a second swarm."""
+    cluster_ids = {h.data["swarm"].get("Cluster", {}).get("ID") for h in ctx.hosts if is_manager(h.data.get("swarm", {}))}
+    cluster_ids.discard(None)
+    if len(cluster_ids) > 1:
+        raise OperationFailed(
+            "the control nodes belong to different swarms (" + ", ".join(sorted(cluster_ids)) + "); "
+            "dcx will not merge them: reset the stray nodes (`docker swarm leave --force`) and re-run")
+    for h in ctx.control_hosts + ctx.worker_hosts:
+        if is_manager(h.data.get("swarm", {})):
+            return h
+    return None
+
+
+class InitSwarm(Phase):
+    title = "Initialise swarm on the first control node"
+
+    def hosts(self, ctx: RunContext) -> list[Host]:
+        manager = find_manager(ctx)
+        if manager is not None:
+            ctx.shared["swarm_manager"] = manager.name
+            return []
+        return ctx.control_hosts[:1]
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        addr = engine_address(ctx, host)
+        host.run(init_command(addr, host.data.get("mesh_address")), timeout=120, check=True, what="docker swarm init")
+        host.data["swarm"] = swarm_info(host)
+        ctx.shared["swarm_manager"] = host.name
+
+
+def manager_host(ctx: RunContext) -> Host:
+    name = ctx.shared.get("swarm_manager")
+    if not name:
+        raise OperationFailed("no swarm manager is reachable")
+    return ctx.host(name)
+
+
+def read_token(manager: Host, role: str) -> str:
+    token = manager.run(cmd("docker", "swarm", "join-token", "-q", role), timeout=60, check=True,
+                        what="reading the join token").stdout.strip()
+    register_secret(token)
+    return token
+
+
+class _Join(Phase):
+    role = "worker"
+
+    def hosts(self, ctx: RunContext) -> list[Host]:
+        return ctx.control_hosts if self.role == "manager" else ctx.worker_hosts
+
+    def needs_run(self, ctx: RunContext, host: Host) -> bool:
+        return not is_active(host.data.get("swarm", {}))
+
+    def prepare(self, ctx: RunContext) -> None:
+        manager = manager_host(ctx)
+        self._manager_addr = engine_address(ctx, manager)
+        self._token: str | None = None
+        self._manager = manager
+
+    def _get_token(self) -> str:
+        if self._token is None:
+            self._token = read_token(self._manager, self.role)
+        return self._token
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        addr = engine_address(ctx, host)
+        host.run(join_command(addr, self._manager_addr, host.data.get("mesh_address")),
+                 stdin=self._get_token() + "\n", timeout=180, check=True, what="docker swarm join")
+        host.data["swarm"] = swarm_info(host)
+
+
+class JoinManagers(_Join):
+    title = "Join control nodes"
+    role = "manager"
+    serial = True  # raft membership changes one at a time
+
+
+class JoinWorkers(_Join):
+    title = "Join workers"
+    role = "worker"
+
+
+def swarm_nodes(manager: Host) -> list[dict[str, Any]]:
+    ids = manager.run("docker node ls -q", timeout=60, check=True, what="docker node ls").stdout.split()
+    if not ids:
+        return []
+    out = manager.run(cmd("docker", "node", "inspect", "--format", "{{json .}}", *ids), timeout=60, check=True,
+                      what="docker node inspect").stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def desired_labels(ctx: RunContext, host: Host) -> dict[str, str]:
+    labels = {LABEL_NODE: host.name, "dcx.pool": host.node.pool, "dcx.provider": host.node.provider,
+              "dcx.cluster": ctx.cluster_name}
+    labels.update(host.node.labels)
+    return labels
+
+
+class LabelNodes(Phase):
+    title = "Apply node roles and labels"
+
+    def hosts(self, ctx: RunContext) -> list[Host]:
+        return [manager_host(ctx)]
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        by_id = {n["ID"]: n for n in swarm_nodes(host)}
+        for h in ctx.hosts:
+            node_id = h.data.get("swarm", {}).get("NodeID")
+            current = by_id.get(node_id)
+            if current is None:
+                continue
+            want_role = "manager" if h.node.role == "control" else "worker"
+            have = current.get("Spec", {}).get("Labels") or {}
+            args: list[str] = []
+            for k, v in desired_labels(ctx, h).items():
+                if have.get(k) != v:
+                    args += ["--label-add", f"{k}={v}"]
+            if current.get("Spec", {}).get("Role") != want_role:
+                args += ["--role", want_role]
+            if args:
+                host.run(cmd("docker", "node", "update", *args, node_id), timeout=60, check=True,
+                         what=f"labelling {h.name}")
+        # Entries left by machines that were replaced (same dcx.node label, other ID, down) are pruned.
+        current_ids = {h.data.get("swarm", {}).get("NodeID") for h in ctx.hosts}
+        names = {h.name for h in ctx.hosts}
+        for node_id, n in by_id.items():
+            label = (n.get("Spec", {}).get("Labels") or {}).get(LABEL_NODE)
+            if node_id not in current_ids and label in names and n.get("Status", {}).get("State") == "down":
+                host.run(cmd("docker", "node", "rm", "--force", node_id), timeout=60)
+
+
+class VerifySwarm(Phase):
+    title = "Verify every node is Ready"
+    timeout = 120.0
+
+    def hosts(self, ctx: RunContext) -> list[Host]:
+        return [manager_host(ctx)]
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            health = SwarmEngine().health(ctx, manager=host)
+            not_ready = [h for h in health.values() if not h.ready]
+            if not not_ready:
+                return
+            if time.monotonic() > deadline:
+                raise OperationFailed("not Ready after %.0fs: %s" % (self.timeout, ", ".join(
+                    f"{h.name} ({h.state or 'absent'}{': ' + h.detail if h.detail else ''})" for h in not_ready)))
+            time.sleep(1.0)
+
+
+class LeaveSwarm(Phase):
+    title = "Leave the swarm"
+
+    def needs_run(self, ctx: RunContext, host: Host) -> bool:
+        return is_active(swarm_info(host))
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        host.run("docker swarm leave --force", timeout=120, check=True, what="docker swarm leave")
+
+
+class SwarmEngine(ClusterEngine):
+    type = "swarm"
+
+    def phases(self, ctx: RunContext) -> list[Phase]:
+        if len(ctx.control_hosts) % 2 == 0:
+            ctx.reporter.note(f"warning: {len(ctx.control_hosts)} control nodes: swarm's raft needs an odd "
+                              "number to tolerate failures (3 tolerate 1, 5 tolerate 2)")
+        return [GatherSwarmState(), InitSwarm(), JoinManagers(), JoinWorkers(), LabelNodes(), VerifySwarm()]
+
+    def health(self, ctx: RunContext, manager: Host | None = None) -> dict[str, NodeHealth]:
+        manager = manager or self._any_manager(ctx)
+        nodes = swarm_nodes(manager)
+        by_name: dict[str, dict[str, Any]] = {}
+        by_addr: dict[str, dict[str, Any]] = {}
+        for n in nodes:
+            label = (n.get("Spec", {}).get("Labels") or {}).get(LABEL_NODE)
+            state = n.get("Status", {}).get("State")
+            # A replaced machine leaves a down entry with the same label: prefer the live one.
+            if label and (label not in by_name or state == "ready"):
+                by_name[label] = n
+            by_addr[n.get("Status", {}).get("Addr", "")] = n
+        out: dict[str, NodeHealth] = {}
+        for h in ctx.hosts:
+            n = by_name.get(h.name) or by_addr.get(engine_address(ctx, h))
+            if n is None:
+                out[h.name] = NodeHealth(h.name, False, state="absent", detail="not in the swarm")
+                continue
+            status = n.get("Status", {})
+            spec = n.get("Spec", {})
+            ms = n.get("ManagerStatus") or {}
+            ready = status.get("State") == "ready" and spec.get("Availability") == "active"
+            if spec.get("Role") == "manager":
+                ready = ready and ms.get("Reachability") == "reachable"
+            out[h.name] = NodeHealth(
+                h.name, ready, role="control" if spec.get("Role") == "manager" else "worker",
+                state=status.get("State", ""), detail=status.get("Message", "") if not ready else "",
+                extra={"id": n.get("ID"), "leader": bool(ms.get("Leader")), "availability": spec.get("Availability"),
+                       "engine_version": n.get("Description", {}).get("Engine", {}).get("EngineVersion", "")})
+        return out
+
+    def _any_manager(self, ctx: RunContext) -> Host:
+        errors = []
+        for h in ctx.control_hosts:
+            try:
+                if is_manager(swarm_info(h)):
+                    return h
+            except Exception as exc:  # noqa: BLE001 - try the next control host
+                errors.append(f"{h.name}: {exc}")
+        raise OperationFailed("no reachable swarm manager" + (": " + "; ".join(errors) if errors else ""))
+
+    def remove_nodes(self, ctx: RunContext, leaving: list[Host]) -> None:
+        manager = self._any_manager(ctx)
+        if manager in leaving:
+            staying = [h for h in ctx.control_hosts if h not in leaving]
+            if not staying:
+                raise OperationFailed("cannot remove every control node of a running cluster")
+        by_name = {(n.get("Spec", {}).get("Labels") or {}).get(LABEL_NODE): n for n in swarm_nodes(manager)}
+        for h in leaving:
+            n = by_name.get(h.name)
+            if n is None:
+                continue
+            if n.get("Spec", {}).get("Role") == "manager":
+                log.info("demoting %s before it leaves", h.name)
+                manager.run(cmd("docker", "node", "demote", n["ID"]), timeout=120, check=True, what="docker node demote")
+            try:
+                h.run("docker swarm leave --force", timeout=120)
+            except Exception as exc:  # noqa: BLE001 - the machine may be gone already; the entry is removed below
+                log.info("%s: leave failed (%s); removing its entry from the manager", h.name, exc)
+            manager.run(cmd("docker", "node", "rm", "--force", n["ID"]), timeout=120, check=True,
+                        what="docker node rm")
+
+    def reset_phases(self, ctx: RunContext, purge: bool) -> list[Phase]:
+        return [LeaveSwarm()]
+
+
+def run_swarm(ctx: RunContext) -> None:
+    run_phases(ctx, SwarmEngine().phases(ctx))

@@ -1,0 +1,144 @@
+"""`dcx cluster ...`: create, plan, status, list, destroy, env."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dcx.cli.common import options, out
+
+app = typer.Typer(help="Create, inspect and destroy clusters.", no_args_is_help=True)
+
+FILE = typer.Option(None, "--file", "-f", help="The cluster spec (cluster.yaml).", dir_okay=False)
+
+
+@app.command()
+def create(
+    ctx: typer.Context,
+    file: Path = typer.Option(..., "--file", "-f", help="The cluster spec (cluster.yaml).", dir_okay=False),
+    provision_only: bool = typer.Option(False, "--provision-only", help="Make and record the machines, then stop."),
+    parallel: int = typer.Option(10, "--parallel", min=1, max=200, help="Hosts worked on at once."),
+    ssh_timeout: float = typer.Option(300.0, "--ssh-timeout", help="Seconds to wait for a machine's SSH."),
+) -> None:
+    """Create the cluster in FILE, or converge it to FILE (idempotent: re-run to resume)."""
+    from dcx import engine, spec
+
+    o = out(ctx)
+    cluster_spec = spec.load(file)
+    result = engine.apply(cluster_spec, options(ctx, parallel=parallel, ssh_timeout=ssh_timeout,
+                                                provision_only=provision_only))
+    if o.json:
+        o.data({"cluster": cluster_spec.name, "plan": result.plan.to_dict(),
+                "provisioned_only": result.provisioned_only,
+                "nodes": [{"name": n.name, "pool": n.pool, "role": n.role, "address": n.ssh_address,
+                           "ready": bool(result.health.get(n.name) and result.health[n.name].ready)}
+                          for n in result.nodes],
+                "access": result.access})
+        return
+    if result.provisioned_only:
+        return
+    o.table(None, ["node", "pool", "role", "address", "ready"],
+            [[n.name, n.pool, n.role, n.ssh_address,
+              "yes" if result.health.get(n.name) and result.health[n.name].ready else "no"] for n in result.nodes])
+    name = cluster_spec.name
+    o.info(f"cluster {name} is ready.")
+    if result.access.get("docker_context"):
+        o.info(f"  docker --context {result.access['docker_context']} node ls")
+    o.info(f"  dcx node ssh {name} {result.nodes[0].name}" if result.nodes else "")
+    o.info(f"  dcx cluster destroy {name}")
+
+
+@app.command()
+def plan(ctx: typer.Context, file: Path = typer.Option(..., "--file", "-f", dir_okay=False)) -> None:
+    """Show what `create` would change. An unchanged, healthy cluster has an empty plan."""
+    from dcx import engine, spec
+
+    o = out(ctx)
+    p = engine.plan(spec.load(file))
+    if o.json:
+        o.data(p.to_dict())
+        return
+    if p.empty:
+        o.info(f"cluster {p.cluster}: no changes; the cluster matches the spec and is healthy.")
+        return
+    rows = [["+ create", r.name, r.pool, r.role] for r in p.create]
+    rows += [["- remove", n.name, n.pool, n.role] for n in p.remove]
+    rows += [["~ converge", name, "", ""] for name in p.converge]
+    o.table(f"plan for {p.cluster}", ["action", "node", "pool", "role"], rows)
+
+
+@app.command()
+def status(ctx: typer.Context, name: str = typer.Argument(..., help="Cluster name.")) -> None:
+    """Ask the cluster itself how every node is."""
+    from dcx import engine
+
+    o = out(ctx)
+    st = engine.status(name)
+    if o.json:
+        o.data(st)
+    else:
+        o.info(f"cluster {st['name']} ({st['engine']}, id {st['id']}): "
+               + ("healthy" if st["healthy"] else f"NOT healthy ({st['status']})"))
+        o.table(None, ["node", "pool", "role", "provider", "address", "ready", "state"],
+                [[n["name"], n["pool"], n["role"] + (" (leader)" if n["leader"] else ""), n["provider"],
+                  n["address"], "yes" if n["ready"] else "no", n["state"] + (f": {n['detail']}" if n["detail"] else "")]
+                 for n in st["nodes"]])
+    if not st["healthy"]:
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_(ctx: typer.Context) -> None:
+    """The clusters recorded on this machine."""
+    from dcx import engine
+
+    o = out(ctx)
+    rows = engine.list_clusters()
+    if o.json:
+        o.data(rows)
+        return
+    o.table(None, ["name", "engine", "status", "nodes", "providers", "updated"],
+            [[r["name"], r.get("engine", ""), r.get("status", r.get("error", "")), r.get("nodes", ""),
+              ",".join(r.get("providers", [])), r.get("updated_at", "")] for r in rows])
+
+
+@app.command()
+def destroy(
+    ctx: typer.Context,
+    name: str = typer.Argument(None, help="Cluster name (or give -f FILE)."),
+    file: Path = FILE,
+    purge: bool = typer.Option(False, "--purge", help="ssh pools: also remove the container runtime."),
+) -> None:
+    """Remove every machine and resource of the cluster (ssh pools: reset the machines)."""
+    from dcx import engine, spec
+
+    o = out(ctx)
+    cluster_spec = spec.load(file) if file else None
+    if not name and cluster_spec is None:
+        raise typer.BadParameter("give a cluster NAME or -f FILE")
+    target = name or cluster_spec.name  # type: ignore[union-attr]
+    if not o.confirm(f"destroy cluster {target} and everything dcx made for it?"):
+        raise typer.Exit(1)
+    removed = engine.destroy(name, cluster_spec, options(ctx, purge=purge))
+    if o.json:
+        o.data({"cluster": target, "removed": removed})
+    else:
+        o.info(f"cluster {target} destroyed ({len(removed)} resources removed).")
+
+
+@app.command()
+def env(ctx: typer.Context, name: str = typer.Argument(...)) -> None:
+    """Print the shell exports that point docker at the cluster."""
+    from dcx import access
+    from dcx.state import StateStore
+
+    o = out(ctx)
+    cdir = StateStore().cluster(name)
+    cdir.load()
+    host = f"ssh://{access.context_name(name)}"
+    if o.json:
+        o.data({"DOCKER_HOST": host, "ssh_config": str(cdir.ssh_dir / "config")})
+    else:
+        typer.echo(f"export DOCKER_HOST={host}")
+        typer.echo(f"# ssh settings for it: {cdir.ssh_dir / 'config'} (included from ~/.ssh/config)")

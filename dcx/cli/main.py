@@ -1,0 +1,116 @@
+"""`dcx` entry point: the global options and the one exception boundary.
+
+DcxError -> `error: message` (+ `hint: ...`) and its exit code; anything else -> `internal error:
+Type: message (details: LOG)` with the traceback only in the log file. Nothing here imports a
+cloud SDK: `dcx --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import traceback
+
+import typer
+
+from dcx import __version__
+from dcx.cli import cluster, inventory_cmd, node, providers_cmd
+from dcx.cli.output import Output
+from dcx.errors import EXIT_FAILED, DcxError
+from dcx.log import redact
+
+app = typer.Typer(
+    name="dcx",
+    help="Turn machines anywhere into one cluster: Docker Swarm or k3s on AWS, GCP, Azure, bare metal "
+    "over SSH, and local namespace nodes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(cluster.app, name="cluster")
+app.add_typer(node.app, name="node")
+app.add_typer(providers_cmd.app, name="providers")
+app.add_typer(inventory_cmd.app, name="inventory")
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    output: str = typer.Option("table", "--output", "-o", help="table (for people) or json (for machines)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Answer yes to every question (implied without a TTY)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More detail (per host)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and results."),
+) -> None:
+    if output not in ("table", "json"):
+        raise typer.BadParameter("must be 'table' or 'json'", param_hint="--output")
+    ctx.obj = Output(output, verbose, quiet, yes)
+
+
+@app.command()
+def version(ctx: typer.Context) -> None:
+    """Print dcx's version."""
+    o: Output = ctx.obj
+    if o.json:
+        o.data({"version": __version__, "python": sys.version.split()[0]})
+    else:
+        o.info(f"dcx {__version__}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of cluster.yaml (for yaml-language-server and editors)."""
+    import json
+
+    from dcx.spec import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+
+
+GLOBAL_FLAGS = {"--yes", "-y", "--quiet", "-q", "--verbose", "-v", "-vv", "-vvv"}
+GLOBAL_WITH_VALUE = {"--output", "-o"}
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """Let global options stand anywhere (`dcx cluster status demo -o json`), as kubectl users expect:
+    they are moved in front of the command, up to a `--` (after which arguments belong to a remote
+    command)."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if arg in GLOBAL_FLAGS:
+            front.append(arg)
+        elif arg in GLOBAL_WITH_VALUE and i + 1 < len(argv):
+            front += [arg, argv[i + 1]]
+            i += 1
+        elif any(arg.startswith(f"{opt}=") for opt in GLOBAL_WITH_VALUE if opt.startswith("--")):
+            front.append(arg)
+        elif arg.startswith("-o") and len(arg) > 2 and not arg.startswith("--"):
+            front.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
+def main() -> None:
+    try:
+        app(args=hoist_global_options(sys.argv[1:]), prog_name="dcx")
+    except DcxError as exc:
+        Output().error(exc.message, exc.hint)
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        Output().error("interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # usage errors are handled by typer itself (exit 2)
+        with tempfile.NamedTemporaryFile("w", prefix="dcx-crash-", suffix=".log", delete=False) as fh:
+            fh.write(redact(traceback.format_exc()))
+        Output().error(f"internal error: {type(exc).__name__}: {redact(str(exc))} (details: {fh.name})")
+        sys.exit(EXIT_FAILED)

@@ -1,0 +1,435 @@
+"""Apply / destroy orchestration: spec -> plan -> provision -> bootstrap -> verify -> state.
+
+State is written the moment something exists (providers journal their resources before and after
+each call), so a killed run resumes and `destroy` finds everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dcx import access
+from dcx.bootstrap.engines import NodeHealth, get_engine
+from dcx.bootstrap.phases import Host, Phase, Reporter, RunContext, run_phases
+from dcx.bootstrap.runtime import GatherFacts, InstallRuntime, StartRuntime
+from dcx.bootstrap.ssh import HostKeyStore, Sessions, Target, connect_with_retry
+from dcx.errors import DcxError, OperationFailed
+from dcx.log import log, start_run_log, stop_run_log
+from dcx.plan import Plan, make_plan, validate_provider_settings
+from dcx.providers.base import Node, Provider, ProviderContext
+from dcx.providers.registry import provider_class
+from dcx.spec import ClusterSpec
+from dcx.state import ClusterDir, ClusterState, StateStore, new_cluster_id, now_iso
+
+
+@dataclass
+class Options:
+    parallel: int = 10
+    ssh_timeout: float = 300.0
+    provision_only: bool = False
+    purge: bool = False
+    reporter: Reporter | None = None
+    become_password: str | None = field(default=None, repr=False)
+    key_passphrase: str | None = field(default=None, repr=False)
+
+
+class Session:
+    """One command's hold on one cluster: its directory, lock, state, log and providers."""
+
+    def __init__(self, store: StateStore, name: str, command: str, reporter: Reporter) -> None:
+        self.cdir: ClusterDir = store.cluster(name)
+        self.name = name
+        self.command = command
+        self.reporter = reporter
+        self.state: ClusterState | None = None
+        self._providers: dict[str, Provider] = {}
+        self.key_path: Path | None = None
+        self.public_key = ""
+
+    # state ---------------------------------------------------------------------------------------
+
+    def load_or_new(self, spec: ClusterSpec | None) -> ClusterState:
+        if self.cdir.exists():
+            self.state = self.cdir.load()
+        else:
+            engine = spec.spec.engine.type if spec else "swarm"
+            self.state = ClusterState(name=self.name, id=new_cluster_id(), engine=engine)
+        if spec is not None:
+            self.state.spec_file = str(Path(spec.file).resolve()) if spec.file else ""
+            self.state.engine = spec.spec.engine.type
+            self.state.spec = spec.model_dump(mode="json")
+        return self.state
+
+    def save(self) -> None:
+        assert self.state is not None
+        self.cdir.save(self.state)
+
+    def journal(self, key: str, value: Any) -> None:
+        assert self.state is not None
+        if value is None:
+            self.state.resources.pop(key, None)
+        else:
+            self.state.resources[key] = value
+        self.save()
+
+    def record_node(self, node: Node) -> None:
+        assert self.state is not None
+        self.state.nodes[node.name] = node.to_dict()
+        self.save()
+
+    def forget_node(self, name: str) -> None:
+        assert self.state is not None
+        self.state.nodes.pop(name, None)
+        if self.state.host_keys.pop(name, None) is not None:
+            access.write_known_hosts(self.cdir, self.state.host_keys)
+        self.save()
+
+    # providers -----------------------------------------------------------------------------------
+
+    def provider(self, name: str, spec: ClusterSpec | None) -> Provider:
+        if name not in self._providers:
+            assert self.state is not None
+            cls = provider_class(name)
+            ctx = ProviderContext(
+                cluster_name=self.name, cluster_id=self.state.id, ssh_public_key=self.public_key,
+                ssh_private_key_path=self.key_path or self.cdir.private_key, workdir=self.cdir.provider_dir(name),
+                journal=self.journal, resources=self.state.resources, log=log,
+                network=spec.spec.network if spec else None)
+            provider = cls(ctx)
+            provider.check_prerequisites()
+            self._providers[name] = provider
+        return self._providers[name]
+
+    def existing_nodes(self, spec: ClusterSpec) -> list[Node]:
+        """What exists now, asked of the providers (not taken from state)."""
+        assert self.state is not None
+        out: list[Node] = []
+        for name, pools in pools_by_provider(spec).items():
+            out.extend(self.provider(name, spec).list_nodes(pools))
+        # Nodes recorded but no longer reported are gone: forget them (and their host keys).
+        reported = {n.name for n in out}
+        for gone in [n for n in self.state.nodes if n not in reported]:
+            log.info("%s is recorded but no longer exists; forgetting it", gone)
+            self.forget_node(gone)
+        return out
+
+
+def pools_by_provider(spec: ClusterSpec) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for pool in spec.spec.pools:
+        out.setdefault(pool.provider, []).append(pool)
+    return out
+
+
+@contextlib.contextmanager
+def open_session(store: StateStore, name: str, command: str, reporter: Reporter) -> Iterator[Session]:
+    session = Session(store, name, command, reporter)
+    with session.cdir.lock(command):
+        handler = start_run_log(session.cdir.logs_dir / f"{now_iso().replace(':', '')}-{command.split()[0]}.log")
+        log.info("dcx %s on cluster %s", command, name)
+        try:
+            yield session
+        except DcxError as exc:
+            log.error("failed: %s", exc.message)
+            raise
+        except BaseException:
+            log.exception("internal error")
+            raise
+        finally:
+            stop_run_log(handler)
+
+
+# --- bootstrap ------------------------------------------------------------------------------------
+
+
+def target_for(node: Node, session: Session, options: Options) -> Target:
+    jump = None
+    if node.extra.get("jump"):
+        j = node.extra["jump"]
+        jump = Target(name=j["name"], host=j["host"], port=int(j.get("port", 22)), user=j.get("user", node.ssh_user),
+                      key_file=j.get("key_file") or node.ssh_key or str(session.cdir.private_key))
+    return Target(name=node.name, host=node.ssh_address, port=node.ssh_port, user=node.ssh_user,
+                  key_file=node.ssh_key or str(session.cdir.private_key), jump=jump,
+                  become_password=options.become_password if node.extra.get("become_password") else None)
+
+
+class Connect(Phase):
+    title = "Connect over SSH"
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        connect_with_retry(host.conn, self.timeout)
+
+
+def build_context(session: Session, spec: ClusterSpec, nodes: list[Node], options: Options) -> RunContext:
+    assert session.state is not None
+    keys = HostKeyStore(session.state.host_keys, on_change=lambda: _host_keys_changed(session))
+    sessions = Sessions(keys, options.key_passphrase)
+    hosts = []
+    for node in sorted(nodes, key=lambda n: (n.role != "control", n.pool, n.name)):
+        target = target_for(node, session, options)
+        hosts.append(Host(node=node, target=target, conn=sessions.get(target)))
+    return RunContext(cluster_name=spec.name, spec=spec, hosts=hosts, sessions=sessions,
+                      reporter=session.reporter, parallel=options.parallel, secrets_dir=session.cdir)
+
+
+def _host_keys_changed(session: Session) -> None:
+    assert session.state is not None
+    session.save()
+    access.write_known_hosts(session.cdir, session.state.host_keys)
+
+
+def base_phases(options: Options) -> list[Phase]:
+    return [Connect(options.ssh_timeout), GatherFacts(), InstallRuntime(), StartRuntime()]
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ApplyResult:
+    plan: Plan
+    nodes: list[Node]
+    provisioned_only: bool = False
+    health: dict[str, NodeHealth] = field(default_factory=dict)
+    access: dict[str, str] = field(default_factory=dict)
+
+
+def apply(spec: ClusterSpec, options: Options, store: StateStore | None = None) -> ApplyResult:
+    store = store or StateStore()
+    reporter = options.reporter or _null_reporter()
+    validate_provider_settings(spec)
+    with open_session(store, spec.name, "create", reporter) as session:
+        session.load_or_new(spec)
+        assert session.state is not None
+        session.save()  # write-ahead: the cluster exists (with its id) before any resource does
+        session.key_path, session.public_key = session.cdir.ensure_ssh_key()
+        existing = session.existing_nodes(spec)
+        plan = make_plan(spec, existing, None, new_cluster=not existing)
+        nodes = provision(session, spec, plan)
+        if options.provision_only:
+            session.state.status = "provisioned"
+            session.save()
+            reporter.note(f"provisioned {len(nodes)} nodes; `dcx cluster create -f {spec.file}` continues")
+            return ApplyResult(plan, nodes, provisioned_only=True)
+        ctx = build_context(session, spec, nodes, options)
+        try:
+            engine = get_engine(spec.spec.engine.type)
+            from dcx.bootstrap.mesh import mesh_phases
+
+            run_phases(ctx, base_phases(options) + mesh_phases(ctx) + engine.phases(ctx))
+            if plan.remove:
+                remove_nodes(session, spec, ctx, plan.remove, options)
+            health = engine.health(ctx)
+            access_info = access.setup(session.cdir, spec, ctx, session.state)
+            session.state.status = "ready"
+            session.save()
+            return ApplyResult(plan, nodes, health=health, access=access_info)
+        except BaseException:
+            session.state.status = "failed"
+            session.save()
+            raise
+        finally:
+            ctx.sessions.close()
+
+
+def provision(session: Session, spec: ClusterSpec, plan: Plan) -> list[Node]:
+    assert session.state is not None
+    nodes: dict[str, Node] = {n.name: n for n in plan.keep}
+    # Existing nodes get a chance to be repaired (a stopped sshd, a stopped instance).
+    for name, pools in pools_by_provider(spec).items():
+        mine = [n for n in plan.keep if n.provider == name]
+        if mine:
+            for n in session.provider(name, spec).repair_nodes(pools, mine):
+                nodes[n.name] = n
+    for pool, requests in plan.pools_to_create(spec):
+        session.reporter.note(f"creating {len(requests)} node(s) in pool {pool.name} ({pool.provider})")
+        made = session.provider(pool.provider, spec).create_nodes(pool, requests)
+        for n in made:
+            nodes[n.name] = n
+    for n in nodes.values():
+        n.labels = {**spec.pool(n.pool).labels, **n.labels} if n.pool in {p.name for p in spec.spec.pools} else n.labels
+        session.state.nodes[n.name] = n.to_dict()
+    for n in plan.remove:
+        session.state.nodes.setdefault(n.name, n.to_dict())
+    session.save()
+    wanted = {r.name for r in plan.create} | {n.name for n in plan.keep}
+    return [nodes[name] for name in sorted(nodes) if name in wanted]
+
+
+def remove_nodes(session: Session, spec: ClusterSpec, ctx: RunContext, leaving: list[Node], options: Options) -> None:
+    """Scale down: nodes leave the cluster (control nodes the control plane first), then machines go."""
+    leaving_ctx = build_context(session, spec, leaving, options)
+    try:
+        for h in leaving_ctx.hosts:
+            with contextlib.suppress(Exception):
+                connect_with_retry(h.conn, 10)
+        engine = get_engine(spec.spec.engine.type)
+        engine.remove_nodes(RunContext(ctx.cluster_name, spec, ctx.hosts + leaving_ctx.hosts, ctx.sessions,
+                                       ctx.reporter, ctx.parallel), leaving_ctx.hosts)
+    finally:
+        leaving_ctx.sessions.close()
+    by_provider: dict[str, list[Node]] = {}
+    for n in leaving:
+        by_provider.setdefault(n.provider, []).append(n)
+    for name, nodes in by_provider.items():
+        session.provider(name, spec).delete_nodes(pools_by_provider(spec).get(name, []), nodes)
+        for n in nodes:
+            session.forget_node(n.name)
+
+
+def plan(spec: ClusterSpec, store: StateStore | None = None) -> Plan:
+    """What `create` would do. Asks providers what exists and the engine how healthy it is."""
+    store = store or StateStore()
+    validate_provider_settings(spec)
+    cdir = store.cluster(spec.name)
+    if not cdir.exists():
+        from dcx.plan import desired_nodes
+
+        return Plan(cluster=spec.name, create=desired_nodes(spec), new_cluster=True)
+    session = Session(store, spec.name, "plan", _null_reporter())
+    state = session.load_or_new(None)
+    session.key_path, session.public_key = cdir.ensure_ssh_key()
+    existing = session.existing_nodes(spec)
+    healthy: dict[str, bool] | None = None
+    if existing and state.status == "ready":
+        healthy = {k: v.ready for k, v in cluster_health(session, spec, existing, Options()).items()}
+    return make_plan(spec, existing, healthy, new_cluster=not existing)
+
+
+def cluster_health(session: Session, spec: ClusterSpec | None, nodes: list[Node], options: Options,
+                   ) -> dict[str, NodeHealth]:
+    assert session.state is not None
+    engine_type = spec.spec.engine.type if spec else session.state.engine
+    ctx = build_context(session, spec or _spec_stub(session.state), nodes, options)
+    try:
+        return get_engine(engine_type).health(ctx)
+    except DcxError as exc:
+        return {n.name: NodeHealth(n.name, False, state="unknown", detail=exc.message) for n in nodes}
+    finally:
+        ctx.sessions.close()
+
+
+def _spec_stub(state: ClusterState) -> Any:
+    spec = state.spec
+    if spec:
+        return ClusterSpec.model_validate(spec)
+    raise OperationFailed(f"cluster {state.name} has no recorded spec")
+
+
+def status(name: str, store: StateStore | None = None) -> dict[str, Any]:
+    store = store or StateStore()
+    session = Session(store, name, "status", _null_reporter())
+    state = session.cdir.load()
+    session.state = state
+    nodes = [Node.from_dict(d) for d in state.nodes.values()]
+    spec = _spec_stub(state) if state.spec else None
+    health = cluster_health(session, spec, nodes, Options(ssh_timeout=10)) if nodes else {}
+    rows = []
+    for n in sorted(nodes, key=lambda n: (n.role != "control", n.name)):
+        h = health.get(n.name)
+        rows.append({
+            "name": n.name, "pool": n.pool, "role": n.role, "provider": n.provider, "address": n.ssh_address,
+            "private_address": n.private_address, "ready": bool(h and h.ready),
+            "state": h.state if h else "unknown", "detail": h.detail if h else "",
+            "leader": bool(h and h.extra.get("leader")),
+        })
+    return {
+        "name": state.name, "id": state.id, "engine": state.engine, "status": state.status,
+        "healthy": bool(rows) and all(r["ready"] for r in rows) and state.status == "ready",
+        "nodes": rows, "context": access.context_name(state.name) if state.engine == "swarm" else "",
+        "updated_at": state.updated_at,
+    }
+
+
+def list_clusters(store: StateStore | None = None) -> list[dict[str, Any]]:
+    store = store or StateStore()
+    out = []
+    for name in store.names():
+        try:
+            st = store.cluster(name).load()
+        except DcxError as exc:
+            out.append({"name": name, "error": exc.message})
+            continue
+        providers = sorted({n.get("provider", "") for n in st.nodes.values()})
+        out.append({"name": st.name, "id": st.id, "engine": st.engine, "status": st.status,
+                    "nodes": len(st.nodes), "providers": providers, "updated_at": st.updated_at})
+    return out
+
+
+def destroy(name: str | None, spec: ClusterSpec | None, options: Options, store: StateStore | None = None,
+            ) -> list[str]:
+    """Remove every node and resource of the cluster. With a spec and no state, sweep by name/tags."""
+    store = store or StateStore()
+    reporter = options.reporter or _null_reporter()
+    name = name or (spec.name if spec else None)
+    assert name is not None
+    if spec is not None:
+        validate_provider_settings(spec)
+    removed: list[str] = []
+    with open_session(store, name, "destroy", reporter) as session:
+        if session.cdir.exists():
+            state = session.load_or_new(None)
+            if spec is None:
+                spec = _spec_stub(state)
+        else:
+            if spec is None:
+                raise DcxError(f"no cluster named '{name}'", hint="pass -f FILE to sweep by name without local state")
+            # No state: an empty id makes providers sweep by the cluster's name alone.
+            session.state = ClusterState(name=name, id="", engine=spec.spec.engine.type)
+        assert session.state is not None and spec is not None
+        session.state.status = "destroying"
+        if session.cdir.path.exists():
+            session.save()
+        session.key_path, session.public_key = session.cdir.ensure_ssh_key()
+        groups = pools_by_provider(spec)
+        for pname, pools in groups.items():
+            provider = session.provider(pname, spec)
+            reporter.note(f"destroying {pname} resources")
+            nodes = provider.list_nodes(pools) if session.state.id else []
+            recorded = [Node.from_dict(d) for d in session.state.nodes.values() if d.get("provider") == pname]
+            known = {n.name: n for n in recorded + nodes}
+            if getattr(provider, "resets_machines", False):
+                reset_hosts(session, spec, list(known.values()), options)
+            if known:
+                provider.delete_nodes(pools, list(known.values()))
+                removed += [f"node {n}" for n in sorted(known)]
+            removed += provider.sweep(pools)
+        access.teardown(session.cdir, name)
+    # The cluster's directory goes last, after the lock is released.
+    import shutil
+
+    if session.cdir.path.exists():
+        shutil.rmtree(session.cdir.path)
+    return removed
+
+
+def reset_hosts(session: Session, spec: ClusterSpec, nodes: list[Node], options: Options) -> None:
+    """For machines that stay (ssh pools): leave the cluster and remove what dcx put there."""
+    if not nodes:
+        return
+    ctx = build_context(session, spec, nodes, options)
+    try:
+        engine = get_engine(spec.spec.engine.type)
+        from dcx.bootstrap.mesh import mesh_reset_phases
+
+        run_phases(ctx, [Connect(min(options.ssh_timeout, 60))] + engine.reset_phases(ctx, options.purge)
+                   + mesh_reset_phases(ctx))
+    finally:
+        ctx.sessions.close()
+
+
+def _null_reporter() -> Reporter:
+    from dcx.bootstrap.phases import NullReporter
+
+    return NullReporter()
+
+
+logging.getLogger("dcx").addHandler(logging.NullHandler())

@@ -1,0 +1,63 @@
+"""One error family. Each error carries the one line the user sees, an optional hint and an exit code.
+
+The CLI's single exception boundary (dcx.cli.main) prints `error: <message>` (and `hint: ...`) and
+exits with `exit_code`; anything that is not a DcxError is an internal error, logged with its
+traceback and reported in one line.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_LOCKED = 3
+
+
+class DcxError(Exception):
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class InputError(DcxError):
+    """Bad input from the user: a spec, an inventory, a flag. Exit 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class SpecError(InputError):
+    """A located error in a file the user wrote: `file:line: field: what is wrong`."""
+
+    def __init__(self, file: str, line: int | None, field: str, problem: str, hint: str | None = None):
+        self.file = file
+        self.line = line
+        self.field = field
+        self.problem = problem
+        where = f"{file}:{line}" if line else file
+        text = f"{where}: {field}: {problem}" if field else f"{where}: {problem}"
+        super().__init__(text, hint)
+
+
+class LockHeld(DcxError):
+    exit_code = EXIT_LOCKED
+
+
+class OperationFailed(DcxError):
+    """The operation ran and failed (a phase, a provider call). Exit 1."""
+
+
+class ProviderError(OperationFailed):
+    """A provider could not do what was asked (credentials, quota, API errors)."""
+
+
+class HostKeyMismatch(OperationFailed):
+    pass
+
+
+class PrerequisiteMissing(DcxError):
+    """Something this machine lacks (a package, root). Exit 2: the user must change their setup."""
+
+    exit_code = EXIT_BAD_INPUT

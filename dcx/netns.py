@@ -1,0 +1,342 @@
+"""Namespace hosts on this machine: the machinery behind the `local` provider and the test beds.
+
+A namespace host is a network namespace (own addresses, routes, iptables) with its own mount and UTS
+namespace (hostname), a private tmpfs /run, private /var/lib/docker, /etc/docker and /root (bind
+mounts of per-host directories), and its own sshd. Everything a login session starts (dockerd,
+containerd, wireguard-go) inherits that world.
+
+Teardown finds a host's processes by network namespace and by parentage (containers live in their
+own namespaces but descend from a shim that lives in the host's), so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dcx.errors import OperationFailed
+from dcx.log import log
+
+NETNS_DIR = Path("/run/netns")
+SSHD = "/usr/sbin/sshd"
+
+
+def sh(*argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a local command (argv, never a shell string)."""
+    proc = subprocess.run(list(argv), capture_output=True, text=True, input=input, check=False)
+    if check and proc.returncode != 0:
+        raise OperationFailed(f"{' '.join(argv)}: {(proc.stderr or proc.stdout).strip()}")
+    return proc
+
+
+def short_hash(*parts: str, n: int = 8) -> str:
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:n]
+
+
+def bridge_name(tag: str) -> str:
+    return f"dcxb{short_hash(tag, n=10)}"  # interface names are at most 15 characters
+
+
+def veth_name(netns: str) -> str:
+    return f"dcxv{short_hash(netns, n=10)}"
+
+
+def link_exists(name: str) -> bool:
+    return Path(f"/sys/class/net/{name}").exists()
+
+
+def netns_exists(name: str) -> bool:
+    return (NETNS_DIR / name).exists()
+
+
+def list_netns() -> list[str]:
+    if not NETNS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_DIR.iterdir())
+
+
+def ensure_bridge(name: str, gateway_cidr: str | None) -> None:
+    """A Linux bridge on this machine (idempotent), with the gateway address when given."""
+    if not link_exists(name):
+        sh("ip", "link", "add", name, "type", "bridge")
+    if gateway_cidr:
+        have = sh("ip", "-o", "addr", "show", "dev", name).stdout
+        if f" {gateway_cidr} " not in have:
+            sh("ip", "addr", "add", gateway_cidr, "dev", name, check=False)
+    sh("ip", "link", "set", name, "up")
+    # Bridged traffic may traverse iptables (br_netfilter, loaded by any dockerd): let the bridge's
+    # own ports talk to each other whatever the FORWARD policy is.
+    if shutil.which("iptables"):
+        rule = ["FORWARD", "-i", name, "-o", name, "-j", "ACCEPT"]
+        if sh("iptables", "-C", *rule, check=False).returncode != 0:
+            sh("iptables", "-I", *rule, check=False)
+
+
+def delete_bridge(name: str) -> None:
+    if shutil.which("iptables"):
+        rule = ["FORWARD", "-i", name, "-o", name, "-j", "ACCEPT"]
+        while sh("iptables", "-C", *rule, check=False).returncode == 0:
+            sh("iptables", "-D", *rule, check=False)
+    if link_exists(name):
+        sh("ip", "link", "del", name, check=False)
+
+
+def bridge_ports(name: str) -> list[str]:
+    path = Path(f"/sys/class/net/{name}/brif")
+    return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+
+@dataclass
+class HostSpec:
+    """One namespace host to make."""
+
+    netns: str
+    hostname: str
+    address: str  # CIDR, e.g. 10.213.0.2/24
+    bridge: str
+    home: Path  # per-host directory on this machine (0700)
+    authorized_key: str
+    ssh_port: int = 22
+    gateway: str | None = None  # default route (test beds with routers); none for plain nodes
+    login_user: str | None = None  # a non-root login (test beds); root always accepts the key
+
+    @property
+    def ip(self) -> str:
+        return str(ipaddress.ip_interface(self.address).ip)
+
+
+def _host_dirs(home: Path) -> dict[str, Path]:
+    return {
+        "sshd": home / "sshd",
+        "docker": home / "var-lib-docker",
+        "etc_docker": home / "etc-docker",
+        "root": home / "root",
+        "log": home / "log",
+    }
+
+
+def _write_sshd(spec: HostSpec, dirs: dict[str, Path]) -> Path:
+    sshd_dir = dirs["sshd"]
+    key = sshd_dir / "ssh_host_ed25519_key"
+    if not key.exists():
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", spec.hostname, "-f", str(key))
+    (sshd_dir / "authorized_keys").write_text(spec.authorized_key.strip() + "\n")
+    # Inside the host, this directory is bind-mounted at /run/dcx-host (its /root is private).
+    config = sshd_dir / "sshd_config"
+    config.write_text(
+        f"Port {spec.ssh_port}\n"
+        f"ListenAddress {spec.ip}\n"
+        "HostKey /run/dcx-host/ssh_host_ed25519_key\n"
+        "PidFile /run/sshd.pid\n"
+        "AuthorizedKeysFile /run/dcx-host/authorized_keys .ssh/authorized_keys\n"
+        "PermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\n"
+        "UsePAM no\n"
+        "StrictModes no\n"
+        "PrintMotd no\n"
+        "MaxStartups 100:30:200\n"
+        "MaxSessions 50\n"
+        "Subsystem sftp /usr/lib/openssh/sftp-server\n"
+    )
+    return config
+
+
+def start_host(spec: HostSpec) -> int:
+    """Make (or complete) a namespace host and start its sshd. Returns sshd's PID. Idempotent."""
+    for tool in ("ip", "nsenter", "unshare", "ssh-keygen"):
+        if not shutil.which(tool):
+            raise OperationFailed(f"'{tool}' not found on this machine")
+    dirs = _host_dirs(spec.home)
+    spec.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not netns_exists(spec.netns):
+        sh("ip", "netns", "add", spec.netns)
+    veth = veth_name(spec.netns)
+    inside = sh("ip", "-n", spec.netns, "-o", "link", "show", "eth0", check=False)
+    if inside.returncode != 0:
+        if link_exists(veth):
+            sh("ip", "link", "del", veth, check=False)
+        sh("ip", "link", "add", veth, "type", "veth", "peer", "name", f"{veth}p")
+        sh("ip", "link", "set", f"{veth}p", "netns", spec.netns)
+        sh("ip", "-n", spec.netns, "link", "set", f"{veth}p", "name", "eth0")
+    if link_exists(veth):
+        sh("ip", "link", "set", veth, "master", spec.bridge)
+        sh("ip", "link", "set", veth, "up")
+    have = sh("ip", "-n", spec.netns, "-o", "addr", "show", "dev", "eth0").stdout
+    if f" {spec.address} " not in have:
+        sh("ip", "-n", spec.netns, "addr", "add", spec.address, "dev", "eth0")
+    sh("ip", "-n", spec.netns, "link", "set", "lo", "up")
+    sh("ip", "-n", spec.netns, "link", "set", "eth0", "up")
+    if spec.gateway:
+        sh("ip", "-n", spec.netns, "route", "replace", "default", "via", spec.gateway)
+
+    pid = sshd_pid(spec.netns)
+    if pid:
+        return pid
+    config = _write_sshd(spec, dirs)
+    setup = " && ".join([
+        "mount -t tmpfs -o mode=0755 tmpfs /run",
+        "mkdir -p /run/sshd /run/dcx-host /run/netns /var/lib/docker /etc/docker",
+        f"mount --bind {dirs['sshd']} /run/dcx-host",
+        f"mount --bind {dirs['docker']} /var/lib/docker",
+        f"mount --bind {dirs['etc_docker']} /etc/docker",
+        f"mount --bind {dirs['root']} /root",
+        f"hostname {spec.hostname}",
+        f"exec {SSHD} -D -f /run/dcx-host/sshd_config -E /run/dcx-host/sshd.log",
+    ])
+    del config  # the path inside the host is /run/dcx-host/sshd_config
+    log_file = open(dirs["log"] / "start.log", "ab")  # noqa: SIM115 - handed to the child
+    try:
+        proc = subprocess.Popen(
+            ["nsenter", f"--net={NETNS_DIR / spec.netns}", "unshare", "--mount", "--uts", "--propagation", "private",
+             "sh", "-c", setup],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True, close_fds=True)
+    finally:
+        log_file.close()
+    (spec.home / "sshd.pid").write_text(str(proc.pid))
+    wait_for_port(spec.netns, spec.ip, spec.ssh_port, proc)
+    return proc.pid
+
+
+def sshd_pid(netns: str) -> int | None:
+    for pid in pids_in_netns(netns):
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if exe.endswith("/sshd") and b"-D" in args:
+            return pid
+    return None
+
+
+def wait_for_port(netns: str, ip: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
+    """Wait until the host's sshd accepts connections (tested from this machine over the bridge)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise OperationFailed(f"sshd for {netns} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((ip, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise OperationFailed(f"sshd for {netns} did not listen on {ip}:{port} within {timeout:.0f}s")
+
+
+def _netns_inode(netns: str) -> int | None:
+    try:
+        return os.stat(NETNS_DIR / netns).st_ino
+    except OSError:
+        return None
+
+
+def pids_in_netns(netns: str) -> list[int]:
+    ino = _netns_inode(netns)
+    if ino is None:
+        return []
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}/ns/net").st_ino == ino:
+                pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def _parents() -> dict[int, int]:
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # comm may hold spaces and parentheses: the fields after the last ')' are fixed.
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(entry)] = int(fields[1])
+    return out
+
+
+def host_processes(netns: str) -> list[int]:
+    """Every process of a namespace host: those in its netns and all their descendants."""
+    roots = set(pids_in_netns(netns))
+    if not roots:
+        return []
+    parents = _parents()
+    members = set(roots)
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parents.items():
+            if ppid in members and pid not in members:
+                members.add(pid)
+                changed = True
+    return sorted(members)
+
+
+def kill_host_processes(netns: str, timeout: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL, every process of the host until none is left. Returns how many there were."""
+    pids = host_processes(netns)
+    total = len(pids)
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, timeout)):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            pids = [p for p in pids if _alive(p)] + [p for p in host_processes(netns) if p not in pids]
+            if not pids:
+                return total
+            time.sleep(0.05)
+    if pids:
+        raise OperationFailed(f"processes of {netns} would not die: {pids}")
+    return total
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def stop_host(netns: str, home: Path | None) -> None:
+    """Tear a namespace host down: processes, namespace (its veth goes with it), directory."""
+    kill_host_processes(netns)
+    if netns_exists(netns):
+        sh("ip", "netns", "del", netns, check=False)
+    veth = veth_name(netns)
+    if link_exists(veth):
+        sh("ip", "link", "del", veth, check=False)
+    if home is not None and home.exists():
+        _remove_tree(home)
+
+
+def _remove_tree(path: Path) -> None:
+    # dockerd's overlay directories can hold immutable-looking leftovers a moment after its death.
+    for _ in range(20):
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            last = exc
+            time.sleep(0.1)
+    log.warning("could not remove %s: %s", path, last)
+    raise OperationFailed(f"could not remove {path}: {last}")

@@ -1,0 +1,1 @@
+"""Provider plugins: each turns node requests into reachable machines. See base.py."""

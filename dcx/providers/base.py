@@ -1,0 +1,118 @@
+"""The provider interface.
+
+A provider makes machines (or adopts existing ones) and returns plain `Node` records. It never talks
+SSH: bootstrap does that. Cloud SDKs are imported inside methods, never at module import, so that
+`dcx --help` and local-only runs stay fast.
+
+Every resource a provider makes carries the cluster's name and id (tags, labels, names) so that
+`sweep` can find it again even when the local state is gone. Before an API call that creates
+something, the provider records its intent through `ctx.record` (write-ahead), so a killed run can be
+resumed and destroyed.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel
+
+
+@dataclass
+class Node:
+    """A reachable machine, as bootstrap needs it."""
+
+    name: str
+    pool: str
+    provider: str
+    role: str  # "control" | "worker"
+    ssh_address: str  # the address dcx connects to
+    private_address: str = ""  # the address other nodes reach it on inside its network
+    public_address: str = ""
+    ssh_user: str = "root"
+    ssh_port: int = 22
+    ssh_key: str = ""  # path of the private key file; "" means the cluster key
+    provider_ids: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    network: str = ""  # nodes with the same non-empty network reach each other's private addresses
+    mesh_endpoint: str = ""  # host:port other sites use to reach this node's WireGuard port
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Node:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class NodeRequest:
+    """One machine the plan wants: its name is final and stable (cluster-pool-index)."""
+
+    name: str
+    pool: str
+    role: str
+    index: int
+
+
+@dataclass
+class ProviderContext:
+    cluster_name: str
+    cluster_id: str
+    ssh_public_key: str
+    ssh_private_key_path: Path
+    workdir: Path  # per-cluster, per-provider directory for the provider's own files (0700)
+    journal: Callable[[str, Any], None]  # write-ahead journal: persists resources[key] = value (None deletes)
+    resources: dict[str, Any]  # what was recorded so far (the cluster state's `resources`)
+    log: logging.Logger
+    network: Any = None  # the spec's NetworkSpec (sshCIDR, mesh settings)
+
+    def record(self, key: str, value: Any) -> None:
+        """Record a resource (or the intent to make one) before/after the API call that makes it."""
+        self.journal(key, value)
+
+    def recorded(self, key: str) -> Any:
+        return self.resources.get(key)
+
+    def recorded_keys(self, prefix: str) -> list[str]:
+        return [k for k in self.resources if k.startswith(prefix)]
+
+
+class Provider(ABC):
+    """Base class of every provider. Subclasses set `name` and `settings_model`."""
+
+    name: ClassVar[str]
+    # The pydantic model of the pool's provider section (e.g. `local: {subnet: ...}`).
+    settings_model: ClassVar[type[BaseModel]]
+
+    def __init__(self, ctx: ProviderContext) -> None:
+        self.ctx = ctx
+
+    def check_prerequisites(self) -> None:  # noqa: B027 - optional hook
+        """Raise PrerequisiteMissing/ProviderError when this machine or account cannot work."""
+
+    @abstractmethod
+    def create_nodes(self, pool: Any, requests: list[NodeRequest]) -> list[Node]:
+        """Make (or find, when they exist already) the machines for `requests`. Idempotent."""
+
+    @abstractmethod
+    def list_nodes(self, pools: list[Any]) -> list[Node]:
+        """The cluster's machines that exist now, found by tag/label/name (not from state)."""
+
+    @abstractmethod
+    def delete_nodes(self, pools: list[Any], nodes: list[Node]) -> None:
+        """Remove these machines. Idempotent: a node already gone is not an error."""
+
+    @abstractmethod
+    def sweep(self, pools: list[Any]) -> list[str]:
+        """Delete every remaining resource carrying the cluster's identity; return what was deleted."""
+
+    def repair_nodes(self, pools: list[Any], nodes: list[Node]) -> list[Node]:
+        """Bring existing machines back to a reachable state (restart what stopped). Default: as they are."""
+        return nodes

@@ -1,0 +1,251 @@
+"""The `local` provider: nodes are namespace hosts on this machine (see dcx.netns).
+
+Each pool subnet gets a bridge named from the cluster id and subnet; each node a network namespace
+`dcx-<cluster id>-<node name>` with an address from the subnet (.1 is the bridge's). Nodes of one
+subnet reach each other; nodes on different subnets do not (no routes), like separate sites.
+
+Identity for sweeping: a registry file per node under /run/dcx/local/ (tmpfs: like the namespaces
+themselves it does not outlive a reboot) records the cluster's name and id, the namespace, bridge
+and directory. `sweep` reads it, so `destroy` works even when the cluster's state is gone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dcx import netns
+from dcx.errors import PrerequisiteMissing, ProviderError
+from dcx.providers.base import Node, NodeRequest, Provider
+
+REGISTRY = Path(os.environ.get("DCX_LOCAL_REGISTRY", "/run/dcx/local"))
+DEFAULT_SUBNET_BASE = ipaddress.ip_network("10.213.0.0/16")
+
+
+class LocalSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    subnet: str = ""  # default: a free /24 of 10.213.0.0/16, chosen on first create, kept in state
+    sshPort: int = Field(default=22, ge=1, le=65535)
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet(cls, value: str) -> str:
+        if value:
+            net = ipaddress.ip_network(value, strict=True)
+            if net.version != 4 or net.prefixlen > 28:
+                raise ValueError("must be an IPv4 network of /28 or larger")
+        return value
+
+
+REQUIRED = {
+    "ip": "iproute2",
+    "nsenter": "util-linux",
+    "unshare": "util-linux",
+    "sshd": "openssh-server",
+    "ssh-keygen": "openssh-client",
+    "dockerd": "docker.io",
+}
+
+
+def missing_prerequisites() -> list[tuple[str, str]]:
+    missing = []
+    for tool, package in REQUIRED.items():
+        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
+            missing.append((tool, package))
+    return missing
+
+
+class LocalProvider(Provider):
+    name = "local"
+    settings_model = LocalSettings
+
+    def check_prerequisites(self) -> None:
+        if os.geteuid() != 0:
+            raise PrerequisiteMissing("the local provider needs root (it makes network namespaces and bridges)",
+                                      hint="run dcx with sudo")
+        missing = missing_prerequisites()
+        if missing:
+            packages = sorted({p for _, p in missing})
+            raise PrerequisiteMissing(
+                "the local provider needs " + ", ".join(t for t, _ in missing) + " on this machine",
+                hint="install them: apt-get update && apt-get install -y " + " ".join(packages))
+
+    # --- naming ---------------------------------------------------------------------------------
+
+    def netns_name(self, node_name: str) -> str:
+        return f"dcx-{self.ctx.cluster_id}-{node_name}"
+
+    def node_home(self, node_name: str) -> Path:
+        return self.ctx.workdir / "nodes" / node_name
+
+    def subnet_for(self, pool: Any) -> ipaddress.IPv4Network:
+        settings = LocalSettings.model_validate(pool.settings)
+        if settings.subnet:
+            return ipaddress.ip_network(settings.subnet)  # type: ignore[return-value]
+        chosen = self.ctx.recorded("local/default-subnet")
+        if chosen:
+            return ipaddress.ip_network(chosen)  # type: ignore[return-value]
+        net = _free_subnet()
+        self.ctx.record("local/default-subnet", str(net))
+        return net
+
+    def bridge_for(self, subnet: ipaddress.IPv4Network) -> str:
+        return netns.bridge_name(f"{self.ctx.cluster_id}/{subnet}")
+
+    # --- provider interface ---------------------------------------------------------------------
+
+    def create_nodes(self, pool: Any, requests: list[NodeRequest]) -> list[Node]:
+        settings = LocalSettings.model_validate(pool.settings)
+        subnet = self.subnet_for(pool)
+        hosts = list(subnet.hosts())
+        bridge = self.bridge_for(subnet)
+        gateway = hosts[0]
+        self.ctx.record(f"local/bridge/{bridge}", {"subnet": str(subnet)})
+        netns.ensure_bridge(bridge, f"{gateway}/{subnet.prefixlen}")
+        taken = self._addresses_in_use(subnet)
+        nodes = []
+        for req in requests:
+            ns = self.netns_name(req.name)
+            entry = self._read_registry(ns)
+            address = entry.get("address") if entry else None
+            if not address:
+                address = next((str(ip) for ip in hosts[1:] if str(ip) not in taken), None)
+                if address is None:
+                    raise ProviderError(f"subnet {subnet} of pool {pool.name} has no free address for {req.name}")
+            taken.add(address)
+            home = self.node_home(req.name)
+            info = {"cluster": self.ctx.cluster_name, "cluster_id": self.ctx.cluster_id, "node": req.name,
+                    "pool": pool.name, "netns": ns, "bridge": bridge, "home": str(home), "address": address}
+            # Write-ahead: the registry (and state) name the namespace before it exists.
+            self._write_registry(ns, info)
+            self.ctx.record(f"local/node/{req.name}", info)
+            pid = netns.start_host(netns.HostSpec(
+                netns=ns, hostname=req.name, address=f"{address}/{subnet.prefixlen}", bridge=bridge, home=home,
+                authorized_key=self.ctx.ssh_public_key, ssh_port=settings.sshPort))
+            info["sshd_pid"] = pid
+            self._write_registry(ns, info)
+            self.ctx.record(f"local/node/{req.name}", info)
+            nodes.append(self._node(info, req.role, settings.sshPort))
+        return nodes
+
+    def _node(self, info: dict[str, Any], role: str, port: int) -> Node:
+        return Node(
+            name=info["node"], pool=info["pool"], provider=self.name, role=role,
+            ssh_address=info["address"], private_address=info["address"], ssh_user="root", ssh_port=port,
+            provider_ids={"netns": info["netns"], "bridge": info["bridge"]},
+            network=f"local:{info['bridge']}",
+        )
+
+    def repair_nodes(self, pools: list[Any], nodes: list[Node]) -> list[Node]:
+        """A node whose sshd died (or half-made by a killed run) is completed: start_host is idempotent."""
+        by_pool = {p.name: p for p in pools}
+        out = []
+        for node in nodes:
+            pool = by_pool.get(node.pool)
+            if pool is None:
+                out.append(node)
+                continue
+            out.extend(self.create_nodes(pool, [NodeRequest(node.name, node.pool, node.role, 0)]))
+        return out
+
+    def list_nodes(self, pools: list[Any]) -> list[Node]:
+        roles = {p.name: p.role for p in pools}
+        ports = {p.name: LocalSettings.model_validate(p.settings).sshPort for p in pools}
+        out = []
+        for info in self._registry_entries():
+            if info.get("cluster_id") != self.ctx.cluster_id or not netns.netns_exists(info["netns"]):
+                continue
+            role = roles.get(info["pool"], "worker")
+            out.append(self._node(info, role, ports.get(info["pool"], 22)))
+        return out
+
+    def delete_nodes(self, pools: list[Any], nodes: list[Node]) -> None:
+        for node in nodes:
+            ns = self.netns_name(node.name)
+            netns.stop_host(ns, self.node_home(node.name))
+            self._remove_registry(ns)
+
+    def sweep(self, pools: list[Any]) -> list[str]:
+        """Remove every namespace host, bridge, rule and directory this cluster has, by registry and
+        by name: also what a crashed run left half-made."""
+        removed = []
+        prefix = f"dcx-{self.ctx.cluster_id}-"
+        for info in self._registry_entries():
+            if info.get("cluster_id") == self.ctx.cluster_id or (
+                    not self.ctx.cluster_id and info.get("cluster") == self.ctx.cluster_name):
+                netns.stop_host(info["netns"], Path(info["home"]) if info.get("home") else None)
+                self._remove_registry(info["netns"])
+                removed.append(f"namespace host {info['netns']}")
+        for ns in netns.list_netns():
+            if self.ctx.cluster_id and ns.startswith(prefix):
+                netns.stop_host(ns, None)
+                removed.append(f"namespace {ns}")
+        bridges = {k.split("/", 2)[2] for k in self.ctx.recorded_keys("local/bridge/")}
+        if self.ctx.cluster_id:
+            bridges |= {netns.bridge_name(f"{self.ctx.cluster_id}/{k}") for k in self._recorded_subnets()}
+        for bridge in sorted(bridges):
+            if netns.link_exists(bridge) and not netns.bridge_ports(bridge):
+                netns.delete_bridge(bridge)
+                removed.append(f"bridge {bridge}")
+        nodes_dir = self.ctx.workdir / "nodes"
+        if nodes_dir.exists():
+            netns._remove_tree(nodes_dir)
+        return removed
+
+    # --- registry (machine-wide, on tmpfs) ------------------------------------------------------
+
+    def _recorded_subnets(self) -> set[str]:
+        return {v["subnet"] for k, v in self.ctx.resources.items() if k.startswith("local/bridge/")}
+
+    def _registry_entries(self) -> list[dict[str, Any]]:
+        entries = []
+        if REGISTRY.is_dir():
+            for path in sorted(REGISTRY.glob("*.json")):
+                try:
+                    entries.append(json.loads(path.read_text()))
+                except (OSError, ValueError):
+                    continue
+        return entries
+
+    def _read_registry(self, ns: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((REGISTRY / f"{ns}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write_registry(self, ns: str, info: dict[str, Any]) -> None:
+        from dcx.state import atomic_write, ensure_private_dir
+
+        ensure_private_dir(REGISTRY)
+        atomic_write(REGISTRY / f"{ns}.json", json.dumps(info, indent=2))
+
+    def _remove_registry(self, ns: str) -> None:
+        (REGISTRY / f"{ns}.json").unlink(missing_ok=True)
+
+    def _addresses_in_use(self, subnet: ipaddress.IPv4Network) -> set[str]:
+        used = set()
+        for info in self._registry_entries():
+            addr = info.get("address")
+            if addr and ipaddress.ip_address(addr) in subnet:
+                used.add(addr)
+        return used
+
+
+def _free_subnet() -> ipaddress.IPv4Network:
+    """The first /24 of 10.213.0.0/16 that no interface on this machine uses."""
+    used = []
+    out = netns.sh("ip", "-o", "-4", "addr", "show", check=False).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if "inet" in parts:
+            used.append(ipaddress.ip_interface(parts[parts.index("inet") + 1]).network)
+    for candidate in DEFAULT_SUBNET_BASE.subnets(new_prefix=24):
+        if not any(candidate.overlaps(u) for u in used):
+            return candidate
+    raise ProviderError("no free /24 left in 10.213.0.0/16 for local nodes; set local.subnet in the pool")
