@@ -433,3 +433,33 @@ def _null_reporter() -> Reporter:
 
 
 logging.getLogger("dcx").addHandler(logging.NullHandler())
+
+
+def run_on_nodes(name: str, command: str, stdin: bytes | None = None, nodes: list[str] | None = None,
+                 options: Options | None = None, store: StateStore | None = None) -> list[tuple[str, int, str]]:
+    """Run one command on every node of a recorded cluster (or the named ones), in parallel.
+    Returns (node, exit code, last output lines) per node; raises when a node cannot be reached."""
+    from dcx.bootstrap.ssh import fan_out
+
+    store = store or StateStore()
+    options = options or Options(ssh_timeout=30)
+    session = Session(store, name, "run", _null_reporter())
+    state = session.cdir.load()
+    session.state = state
+    chosen = [Node.from_dict(d) for n, d in sorted(state.nodes.items()) if nodes is None or n in nodes]
+    ctx = build_context(session, _spec_stub(state), chosen, options)
+    try:
+        def one(host: Host) -> tuple[str, int, str]:
+            connect_with_retry(host.conn, options.ssh_timeout)
+            result = host.run(command, stdin=stdin, timeout=600)
+            return host.name, result.exit_code, result.tail()
+
+        out = []
+        for host, result, error in fan_out(one, ctx.hosts, options.parallel):
+            if error is not None:
+                raise OperationFailed(f"{host.name}: {getattr(error, 'message', error)}")
+            assert result is not None
+            out.append(result)
+        return out
+    finally:
+        ctx.sessions.close()

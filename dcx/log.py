@@ -51,11 +51,19 @@ def start_run_log(log_file: Path) -> logging.Handler:
     handler.setLevel(logging.DEBUG)
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
-    # paramiko logs its own transport chatter; keep warnings only.
-    logging.getLogger("paramiko").setLevel(logging.WARNING)
+    # paramiko's transport threads log (with tracebacks) when a host hangs up or never answers: those
+    # belong in the run log, never on the user's terminal.
+    paramiko_log.setLevel(logging.WARNING)
+    paramiko_log.addHandler(handler)
     return handler
 
 
 def stop_run_log(handler: logging.Handler) -> None:
     log.removeHandler(handler)
+    paramiko_log.removeHandler(handler)
     handler.close()
+
+
+paramiko_log = logging.getLogger("paramiko")
+paramiko_log.propagate = False
+paramiko_log.addHandler(logging.NullHandler())

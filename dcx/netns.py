@@ -210,15 +210,18 @@ def start_host(spec: HostSpec) -> int:
 
 
 def sshd_pid(netns: str) -> int | None:
+    """The host's listening sshd: an sshd in the namespace whose parent is not one (sshd rewrites its
+    argv, so the command line cannot tell the listener from the per-connection children)."""
+    sshds = set()
     for pid in pids_in_netns(netns):
         try:
-            exe = os.readlink(f"/proc/{pid}/exe")
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if os.readlink(f"/proc/{pid}/exe").endswith("/sshd") and _alive(pid):
+                sshds.add(pid)
         except OSError:
             continue
-        if exe.endswith("/sshd") and b"-D" in args:
-            return pid
-    return None
+    parents = _parents()
+    listeners = sorted(p for p in sshds if parents.get(p) not in sshds)
+    return listeners[0] if listeners else None
 
 
 def wait_for_port(netns: str, ip: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:

@@ -107,15 +107,16 @@ class ClusterBody(_Model):
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     pools: list[PoolSpec] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _pools(self) -> ClusterBody:
-        names = [p.name for p in self.pools]
+    @field_validator("pools")
+    @classmethod
+    def _pools(cls, pools: list[PoolSpec]) -> list[PoolSpec]:
+        names = [p.name for p in pools]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"pool names must be unique; repeated: {', '.join(dupes)}")
-        if not any(p.role == "control" for p in self.pools):
+        if not any(p.role == "control" for p in pools):
             raise ValueError("at least one pool must have role: control")
-        return self
+        return pools
 
 
 class ClusterSpec(_Model):
@@ -171,7 +172,7 @@ _MESSAGES = {
     "model_type": lambda e: "must be a mapping",
     "model_attributes_type": lambda e: "must be a mapping",
     "list_type": lambda e: "must be a list",
-    "literal_error": lambda e: f"must be one of: {e['ctx']['expected'].replace(chr(39), '')}",
+    "literal_error": lambda e: "must be one of: " + e["ctx"]["expected"].replace("'", "").replace(" or ", ", "),
     "string_pattern_mismatch": lambda e: "must be lowercase letters, digits and '-', starting with a letter",
 }
 

@@ -14,7 +14,7 @@ import traceback
 import typer
 
 from dcx import __version__
-from dcx.cli import cluster, inventory_cmd, node, providers_cmd
+from dcx.cli import cluster, image, inventory_cmd, node, providers_cmd
 from dcx.cli.output import Output
 from dcx.errors import EXIT_FAILED, DcxError
 from dcx.log import redact
@@ -32,6 +32,7 @@ app.add_typer(cluster.app, name="cluster")
 app.add_typer(node.app, name="node")
 app.add_typer(providers_cmd.app, name="providers")
 app.add_typer(inventory_cmd.app, name="inventory")
+app.add_typer(image.app, name="image")
 
 
 @app.callback()

@@ -53,7 +53,6 @@ def ssh(ctx: typer.Context, name: str = typer.Argument(...), node: str = typer.A
         argv += ["--", *extra]
     elif not os.isatty(0):
         argv.insert(1, "-T")
-    del out  # nothing to print: ssh owns the terminal
     os.execv(ssh_bin, argv)
 
 

@@ -1,0 +1,52 @@
+"""`dcx image ...`: put images on every node without a registry (air-gapped clusters)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dcx.cli.common import out
+
+app = typer.Typer(help="Load container images onto every node (no registry needed).", no_args_is_help=True)
+
+
+def _report(ctx: typer.Context, results: list[tuple[str, int, str]], what: str) -> None:
+    from dcx.errors import OperationFailed
+
+    o = out(ctx)
+    failed = [(n, code, tail) for n, code, tail in results if code != 0]
+    if o.json:
+        o.data([{"node": n, "ok": code == 0, "output": tail} for n, code, tail in results])
+    else:
+        o.table(None, ["node", "result"], [[n, "ok" if code == 0 else f"failed: {tail}"] for n, code, tail in results])
+    if failed:
+        raise OperationFailed(f"{what} failed on {len(failed)}/{len(results)} nodes")
+
+
+@app.command("load")
+def load(ctx: typer.Context, name: str = typer.Argument(..., help="Cluster name."),
+         file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A `docker save` tarball.")) -> None:
+    """Load a `docker save` tarball on every node."""
+    from dcx import engine, images
+
+    _report(ctx, engine.run_on_nodes(name, images.load_command(), stdin=images.read_tarball(file)), "docker load")
+
+
+@app.command("import")
+def import_(ctx: typer.Context, name: str = typer.Argument(..., help="Cluster name."),
+            file: Path = typer.Argument(None, dir_okay=False, help="A root filesystem tarball."),
+            tag: str = typer.Option(..., "--tag", "-t", help="Image name:tag to create."),
+            busybox: bool = typer.Option(False, "--busybox", help="Build a ~1 MB busybox rootfs from this machine.")
+            ) -> None:
+    """Create an image from a root filesystem tarball on every node (`docker import`)."""
+    from dcx import engine, images
+    from dcx.errors import InputError
+
+    if busybox:
+        data = images.busybox_rootfs()
+    elif file is not None:
+        data = images.read_tarball(file)
+    else:
+        raise InputError("give a rootfs tarball FILE or --busybox")
+    _report(ctx, engine.run_on_nodes(name, images.import_command(tag), stdin=data), "docker import")

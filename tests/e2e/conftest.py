@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.testbed.local import Dcx, force_cleanup, missing_for_namespace_nodes
+
+_WHY_NOT = missing_for_namespace_nodes()
+
+
+@pytest.fixture
+def dcx_cli(tmp_path: Path) -> Iterator[tuple[Dcx, list[str]]]:
+    """A dcx CLI with its own home, and a list the test appends its cluster names to: whatever the
+    test leaves (it failed, dcx was killed), the teardown destroys and then sweeps by name and id."""
+    if _WHY_NOT:
+        pytest.skip(f"namespace nodes unavailable: {_WHY_NOT}")
+    home = tmp_path / "dcx-home"
+    cli = Dcx(home)
+    clusters: list[str] = []
+    try:
+        yield cli, clusters
+    finally:
+        for name in clusters:
+            if (home / "clusters" / name).exists():
+                cli.run("cluster", "destroy", name, "--yes", timeout=180)
+        force_cleanup(home, clusters)

@@ -1,0 +1,201 @@
+"""End to end on local namespace nodes: real sshd, real dockerd, a real Docker Swarm."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from dcx import netns
+from tests.testbed.local import Dcx, cluster_yaml, leftovers, registry_entries
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+
+def docker(cluster: str, *args: str, check: bool = True) -> str:
+    r = subprocess.run(["docker", "--context", f"dcx-{cluster}", *args], capture_output=True, text=True, timeout=120)
+    if check and r.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)}: {r.stderr}")
+    return r.stdout
+
+
+def dockerd_pids(cli: Dcx, cluster: str) -> dict[str, list[int]]:
+    out = {}
+    for info in registry_entries(cluster):
+        out[info["node"]] = sorted(p for p in netns.pids_in_netns(info["netns"])
+                                   if os.readlink(f"/proc/{p}/exe").endswith("dockerd"))
+    return out
+
+
+def wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_create_serve_rerun_and_destroy(dcx_cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    cli, clusters = dcx_cli
+    name = "e2e-main"
+    clusters.append(name)
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(cluster_yaml(name, "10.213.201.0/24"))
+
+    cli.run("cluster", "create", "-f", str(spec), check=True)
+    status = cli.json("cluster", "status", name)
+    assert status["healthy"] is True and status["engine"] == "swarm"
+    assert sorted(n["name"] for n in status["nodes"]) == [f"{name}-control-1", f"{name}-workers-1", f"{name}-workers-2"]
+    assert all(n["ready"] for n in status["nodes"])
+    assert {n["name"]: n["role"] for n in status["nodes"]}[f"{name}-control-1"] == "control"
+    state_file = cli.home / "clusters" / name / "state.json"
+    assert oct(state_file.stat().st_mode & 0o777) == "0o600"
+
+    # The operator's docker reaches the cluster through the context dcx made.
+    nodes = docker(name, "node", "ls", "--format", "{{.Hostname}} {{.Status}}").split("\n")
+    assert sorted(filter(None, nodes)) == [f"{name}-control-1 Ready", f"{name}-workers-1 Ready",
+                                           f"{name}-workers-2 Ready"]
+    labels = json.loads(docker(name, "node", "inspect", f"{name}-workers-1", "--format", "{{json .Spec.Labels}}"))
+    assert labels["dcx.pool"] == "workers" and labels["dcx.node"] == f"{name}-workers-1"
+
+    # A 3-replica service, one task per node, talking across nodes over an overlay network.
+    cli.run("image", "import", name, "--busybox", "--tag", "dcx-e2e/busybox:1", check=True)
+    docker(name, "network", "create", "--driver", "overlay", "--attachable", "e2e-net")
+    # dnsrr: this kernel has no IPVS, which swarm's virtual IPs need.
+    docker(name, "service", "create", "--detach", "--name", "web", "--replicas", "3", "--replicas-max-per-node", "1",
+           "--endpoint-mode", "dnsrr", "--network", "e2e-net", "dcx-e2e/busybox:1", "sh", "-c",
+           'echo "hello from $(hostname)" > /var/www/index.html && exec httpd -f -p 80 -h /var/www')
+
+    def running_nodes() -> list[str]:
+        out = docker(name, "service", "ps", "web", "--filter", "desired-state=running", "--format",
+                     "{{.Node}} {{.CurrentState}}")
+        rows = [line.split()[0] for line in out.splitlines() if " Running" in line]
+        return rows if len(rows) == 3 else []
+
+    placed = wait_for(running_nodes, 90, "3 running tasks")
+    assert sorted(placed) == sorted(n["name"] for n in status["nodes"])
+    replies = docker(name, "run", "--rm", "--network", "e2e-net", "dcx-e2e/busybox:1", "sh", "-c",
+                     "for ip in $(nslookup tasks.web 2>/dev/null | awk '/^Address: /{print $2}'); do "
+                     "wget -q -O - http://$ip/; done")
+    assert len(set(replies.split())) >= 3 + 2, replies  # three distinct "hello from <task>" answers
+    assert len([line for line in replies.splitlines() if line.startswith("hello from")]) == 3
+
+    # A second create changes nothing: same daemons, same swarm membership, nothing joined again.
+    before_pids = dockerd_pids(cli, name)
+    before_ids = docker(name, "node", "ls", "-q")
+    again = cli.run("cluster", "create", "-f", str(spec), check=True)
+    assert "==> Join workers (2 hosts)\n    0 changed, 2 unchanged" in again.stdout
+    assert "==> Initialise swarm" not in again.stdout
+    assert "creating" not in again.stdout
+    assert dockerd_pids(cli, name) == before_pids
+    assert docker(name, "node", "ls", "-q") == before_ids
+    assert cli.json("cluster", "plan", "-f", str(spec))["empty"] is True
+
+    cluster_id = cli.state(name)["id"]
+    r = cli.run("cluster", "destroy", name, "--yes")
+    assert r.returncode == 0, r.stderr
+    assert leftovers(cluster_id, name) == []
+    assert not (cli.home / "clusters" / name).exists()
+    assert not [b for b in Path("/sys/class/net").iterdir()
+                if b.name == netns.bridge_name(f"{cluster_id}/10.213.201.0/24")]
+    assert subprocess.run(["docker", "context", "inspect", f"dcx-{name}"], capture_output=True).returncode != 0
+
+
+def test_ha_control_plane(dcx_cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    cli, clusters = dcx_cli
+    name = "e2e-ha"
+    clusters.append(name)
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(cluster_yaml(name, "10.213.202.0/24", control=3, workers=2))
+    cli.run("cluster", "create", "-f", str(spec), check=True)
+    status = cli.json("cluster", "status", name)
+    assert status["healthy"] is True
+    controls = [n for n in status["nodes"] if n["role"] == "control"]
+    assert len(controls) == 3 and all(n["ready"] for n in controls)
+    assert sum(n["leader"] for n in status["nodes"]) == 1
+    managers = docker(name, "node", "ls", "--filter", "role=manager", "-q").split()
+    assert len(managers) == 3
+
+
+def test_unreachable_node_fails_naming_it_and_rerun_converges(dcx_cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    cli, clusters = dcx_cli
+    name = "e2e-fail"
+    clusters.append(name)
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(cluster_yaml(name, "10.213.203.0/24", control=1, workers=2))
+    cli.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+    assert cli.state(name)["status"] == "provisioned"
+    victim = f"{name}-workers-2"
+    ns = next(e["netns"] for e in registry_entries(name) if e["node"] == victim)
+    sshd = netns.sshd_pid(ns)
+    assert sshd
+    os.kill(sshd, signal.SIGSTOP)  # sshd stops answering: connections hang, like a machine gone away
+    try:
+        r = cli.run("cluster", "create", "-f", str(spec), "--ssh-timeout", "3")
+        assert r.returncode == 1
+        assert f"phase 'Connect over SSH' failed on 1/3 hosts:" in r.stderr
+        assert f"{victim}: cannot reach {victim} over SSH" in r.stderr
+        assert "Traceback" not in r.stderr
+        assert cli.state(name)["status"] == "failed"
+    finally:
+        os.kill(sshd, signal.SIGCONT)
+    cli.run("cluster", "create", "-f", str(spec), check=True)
+    assert cli.json("cluster", "status", name)["healthy"] is True
+
+
+def test_sigkill_mid_create_then_rerun_and_destroy(dcx_cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    cli, clusters = dcx_cli
+    name = "e2e-kill"
+    clusters.append(name)
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(cluster_yaml(name, "10.213.204.0/24", control=1, workers=3))
+    proc = subprocess.Popen(cli.argv("cluster", "create", "-f", str(spec)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=cli.env, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("creating 3 node(s) in pool workers"):
+                break
+        # Kill it while it is making the workers' namespace hosts.
+        wait_for(lambda: len(registry_entries(name)) >= 2, 30, "a worker being made")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert cli.state(name)["status"] != "ready"
+
+    r = cli.run("cluster", "create", "-f", str(spec))
+    assert r.returncode == 0, r.stdout + r.stderr
+    status = cli.json("cluster", "status", name)
+    assert status["healthy"] is True and len(status["nodes"]) == 4
+
+    cluster_id = cli.state(name)["id"]
+    assert cli.run("cluster", "destroy", name, "--yes").returncode == 0
+    assert leftovers(cluster_id, name) == []
+
+
+def test_destroy_without_state_sweeps_by_name(dcx_cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    cli, clusters = dcx_cli
+    name = "e2e-nostate"
+    clusters.append(name)
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(cluster_yaml(name, "10.213.205.0/24", control=1, workers=1))
+    cli.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+    cluster_id = cli.state(name)["id"]
+    assert len(registry_entries(name)) == 2
+    import shutil
+
+    shutil.rmtree(cli.home / "clusters" / name)  # the operator lost the state directory
+    r = cli.run("cluster", "destroy", "-f", str(spec), "--yes")
+    assert r.returncode == 0, r.stderr
+    assert leftovers(cluster_id, name) == []

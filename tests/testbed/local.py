@@ -1,0 +1,128 @@
+"""Helpers for end-to-end tests on local namespace nodes: prerequisites (skip with a reason),
+running the real `dcx` command, and a teardown that removes everything a test made, even after a
+failure or a killed dcx."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from dcx import netns
+
+REGISTRY = Path("/run/dcx/local")
+
+
+def missing_for_namespace_nodes() -> str | None:
+    """Why namespace-node tests cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, bridges)"
+    for tool, package in (("ip", "iproute2"), ("nsenter", "util-linux"), ("dockerd", "docker.io"),
+                          ("ssh-keygen", "openssh-client"), ("docker", "docker.io")):
+        if not shutil.which(tool):
+            return f"'{tool}' missing (apt-get install {package}; scripts/setup does it)"
+    if not Path("/usr/sbin/sshd").exists():
+        return "sshd missing (apt-get install openssh-server; scripts/setup does it)"
+    probe = subprocess.run(["ip", "netns", "add", "dcx-probe"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create network namespaces here: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", "dcx-probe"], capture_output=True)
+    return None
+
+
+def cluster_yaml(name: str, subnet: str, control: int = 1, workers: int = 2, extra: str = "") -> str:
+    lines = ["apiVersion: dcx/v1", "kind: Cluster", f"metadata: {{name: {name}}}", "spec:",
+             "  engine: {type: swarm}", "  pools:",
+             f"    - {{name: control, role: control, count: {control}, provider: local, local: {{subnet: {subnet}}}}}"]
+    if workers:
+        lines.append(f"    - {{name: workers, role: worker, count: {workers}, provider: local, "
+                     f"local: {{subnet: {subnet}}}}}")
+    return "\n".join(lines) + "\n" + extra
+
+
+class Dcx:
+    """Runs the real CLI in a subprocess with its own DCX_HOME."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = {**os.environ, "DCX_HOME": str(home), "NO_COLOR": "1"}
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "dcx", *args]
+
+    def run(self, *args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(self.argv(*args), capture_output=True, text=True, env=self.env, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+        if check and r.returncode != 0:
+            raise AssertionError(f"dcx {' '.join(args)} exited {r.returncode}\n{r.stdout}\n{r.stderr}")
+        return r
+
+    def json(self, *args: str) -> Any:
+        r = self.run(*args, "-o", "json")
+        try:
+            return json.loads(r.stdout)
+        except ValueError:
+            raise AssertionError(f"dcx {' '.join(args)}: no JSON (exit {r.returncode})\n{r.stdout}\n{r.stderr}") from None
+
+    def state(self, cluster: str) -> dict[str, Any]:
+        return json.loads((self.home / "clusters" / cluster / "state.json").read_text())
+
+
+def registry_entries(cluster: str) -> list[dict[str, Any]]:
+    out = []
+    for p in REGISTRY.glob("*.json") if REGISTRY.is_dir() else []:
+        try:
+            info = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("cluster") == cluster:
+            out.append(info)
+    return out
+
+
+def leftovers(cluster_id: str, cluster: str) -> list[str]:
+    """Everything of a cluster still on this machine: namespaces, processes, bridges, registry files."""
+    found = [f"netns {ns}" for ns in netns.list_netns() if ns.startswith(f"dcx-{cluster_id}-")]
+    found += [f"registry {e['netns']}" for e in registry_entries(cluster)]
+    for ns in netns.list_netns():
+        if ns.startswith(f"dcx-{cluster_id}-"):
+            found += [f"pid {p}" for p in netns.host_processes(ns)]
+    return found
+
+
+def force_cleanup(home: Path, clusters: list[str]) -> None:
+    """The safety net behind every e2e test: remove what `dcx destroy` should have, by name and id."""
+    ids = set()
+    for name in clusters:
+        state = home / "clusters" / name / "state.json"
+        if state.exists():
+            ids.add(json.loads(state.read_text()).get("id", ""))
+        for info in registry_entries(name):
+            ids.add(info.get("cluster_id", ""))
+            netns.stop_host(info["netns"], Path(info["home"]) if info.get("home") else None)
+            (REGISTRY / f"{info['netns']}.json").unlink(missing_ok=True)
+    ids.discard("")
+    for ns in netns.list_netns():
+        if any(ns.startswith(f"dcx-{i}-") for i in ids):
+            netns.stop_host(ns, None)
+    for link in Path("/sys/class/net").iterdir():
+        if link.name.startswith("dcxb") and not netns.bridge_ports(link.name):
+            # Only bridges of this test's clusters: their names derive from the cluster id.
+            if any(_bridge_of(link.name, i, home) for i in ids):
+                netns.delete_bridge(link.name)
+    for name in clusters:
+        subprocess.run(["docker", "context", "rm", "-f", f"dcx-{name}"], capture_output=True)
+
+
+def _bridge_of(bridge: str, cluster_id: str, home: Path) -> bool:
+    for state in home.glob("clusters/*/state.json"):
+        data = json.loads(state.read_text())
+        if data.get("id") != cluster_id:
+            continue
+        if f"local/bridge/{bridge}" in data.get("resources", {}):
+            return True
+    return False

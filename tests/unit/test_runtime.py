@@ -1,0 +1,81 @@
+"""Facts parsing and the runtime commands per OS family and init system (table-driven: these cases
+cannot all run here, so the exact commands are the contract)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dcx.bootstrap.runtime import Facts, docker_install_commands, docker_start_commands, parse_facts
+from dcx.errors import OperationFailed
+
+SAMPLE = """os_id=ubuntu
+os_like=debian
+os_version=24.04
+arch=x86_64
+kernel=6.8.0
+hostname=node-1
+uid=0
+cpus=4
+mem_kb=8000000
+disk_kb=50000000
+epoch=1764000000.5
+init=systemd
+docker_bin=
+docker_running=0
+docker_version=
+wg_bin=/usr/bin/wg
+wggo_bin=
+wg_kernel=1
+sudo_ok=1
+"""
+
+
+def test_parse_facts() -> None:
+    f = parse_facts(SAMPLE)
+    assert (f.os_id, f.family, f.os_version, f.arch, f.init) == ("ubuntu", "debian", "24.04", "x86_64", "systemd")
+    assert (f.uid, f.cpus, f.mem_kb) == (0, 4, 8000000)
+    assert f.epoch == pytest.approx(1764000000.5)
+    assert f.docker_running is False and f.wg_kernel is True
+    assert f.docker_bin == ""
+
+
+@pytest.mark.parametrize(("os_id", "like", "family", "expected"), [
+    ("debian", "", "debian", ["export DEBIAN_FRONTEND=noninteractive", "apt-get update -q",
+                              "apt-get install -y -q docker.io"]),
+    ("ubuntu", "debian", "debian", ["export DEBIAN_FRONTEND=noninteractive", "apt-get update -q",
+                                    "apt-get install -y -q docker.io"]),
+    ("fedora", "", "rhel", ["dnf install -y moby-engine"]),
+    ("amzn", "centos rhel fedora", "rhel", ["yum install -y docker"]),
+    ("rocky", "rhel centos fedora", "rhel", [
+        "dnf install -y dnf-plugins-core",
+        "dnf config-manager --add-repo https://download.docker.com/linux/centos/docker-ce.repo",
+        "dnf install -y docker-ce docker-ce-cli containerd.io"]),
+    ("alpine", "", "alpine", ["apk add --no-cache docker"]),
+    ("opensuse-leap", "suse opensuse", "suse", ["zypper --non-interactive install docker"]),
+    ("arch", "", "arch", ["pacman -Sy --noconfirm docker"]),
+])
+def test_install_commands_per_family(os_id: str, like: str, family: str, expected: list[str]) -> None:
+    facts = Facts(os_id=os_id, os_like=like)
+    assert facts.family == family
+    assert docker_install_commands(facts) == expected
+
+
+def test_unknown_os_is_a_clear_error() -> None:
+    with pytest.raises(OperationFailed, match="unsupported OS 'plan9'"):
+        docker_install_commands(Facts(os_id="plan9"))
+
+
+@pytest.mark.parametrize(("init", "expected_first"), [
+    ("systemd", "systemctl enable --now docker"),
+    ("openrc", "rc-update add docker default"),
+    ("none", "mkdir -p /run/dcx"),
+])
+def test_start_commands_per_init_system(init: str, expected_first: str) -> None:
+    commands = docker_start_commands(Facts(init=init))
+    assert commands[0] == expected_first
+    if init == "openrc":
+        assert commands[1] == "rc-service docker start"
+    if init == "none":
+        # Detached with a pidfile, and only when none is running: a re-run starts nothing twice.
+        assert "setsid dockerd --pidfile /run/dcx/dockerd.pid" in commands[1]
+        assert commands[1].startswith("if [ -f /run/dcx/dockerd.pid ] && kill -0")
