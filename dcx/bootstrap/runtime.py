@@ -28,14 +28,16 @@ echo "mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null)"
 echo "disk_kb=$(df -Pk / 2>/dev/null | awk 'NR==2 {print $4}')"
 echo "epoch=$(date +%s.%N 2>/dev/null || date +%s)"
 if [ -d /run/systemd/system ]; then echo init=systemd
-elif [ -e /run/openrc/softlevel ] || { command -v rc-service >/dev/null 2>&1 && [ -d /run/openrc ]; }; then echo init=openrc
+elif [ -e /run/openrc/softlevel ] || { command -v rc-service >/dev/null 2>&1 && [ -d /run/openrc ]; }
+then echo init=openrc
 else echo init=none; fi
 echo "docker_bin=$(command -v dockerd 2>/dev/null)"
 if docker info --format '{{.ServerVersion}}' >/dev/null 2>&1; then echo docker_running=1; else echo docker_running=0; fi
 echo "docker_version=$(docker version --format '{{.Server.Version}}' 2>/dev/null)"
 echo "wg_bin=$(command -v wg 2>/dev/null)"
 echo "wggo_bin=$(command -v wireguard-go 2>/dev/null)"
-if [ -d /sys/module/wireguard ] || modprobe -n wireguard >/dev/null 2>&1; then echo wg_kernel=1; else echo wg_kernel=0; fi
+if [ -d /sys/module/wireguard ] || modprobe -n wireguard >/dev/null 2>&1
+then echo wg_kernel=1; else echo wg_kernel=0; fi
 echo "sudo_ok=1"
 """
 

@@ -63,7 +63,8 @@ class GatherSwarmState(Phase):
 
 def find_manager(ctx: RunContext) -> Host | None:
     """An existing manager of this cluster: a re-run must never initialise a second swarm."""
-    cluster_ids = {h.data["swarm"].get("Cluster", {}).get("ID") for h in ctx.hosts if is_manager(h.data.get("swarm", {}))}
+    cluster_ids = {h.data["swarm"].get("Cluster", {}).get("ID")
+                   for h in ctx.hosts if is_manager(h.data.get("swarm", {}))}
     cluster_ids.discard(None)
     if len(cluster_ids) > 1:
         raise OperationFailed(
@@ -208,8 +209,9 @@ class VerifySwarm(Phase):
             if not not_ready:
                 return
             if time.monotonic() > deadline:
-                raise OperationFailed("not Ready after %.0fs: %s" % (self.timeout, ", ".join(
-                    f"{h.name} ({h.state or 'absent'}{': ' + h.detail if h.detail else ''})" for h in not_ready)))
+                waiting = ", ".join(f"{h.name} ({h.state or 'absent'}{': ' + h.detail if h.detail else ''})"
+                                    for h in not_ready)
+                raise OperationFailed(f"not Ready after {self.timeout:.0f}s: {waiting}")
             time.sleep(1.0)
 
 
@@ -286,7 +288,8 @@ class SwarmEngine(ClusterEngine):
                 continue
             if n.get("Spec", {}).get("Role") == "manager":
                 log.info("demoting %s before it leaves", h.name)
-                manager.run(cmd("docker", "node", "demote", n["ID"]), timeout=120, check=True, what="docker node demote")
+                manager.run(cmd("docker", "node", "demote", n["ID"]), timeout=120, check=True,
+                            what="docker node demote")
             try:
                 h.run("docker swarm leave --force", timeout=120)
             except Exception as exc:  # noqa: BLE001 - the machine may be gone already; the entry is removed below

@@ -140,7 +140,7 @@ def test_unreachable_node_fails_naming_it_and_rerun_converges(dcx_cli: tuple[Dcx
     try:
         r = cli.run("cluster", "create", "-f", str(spec), "--ssh-timeout", "3")
         assert r.returncode == 1
-        assert f"phase 'Connect over SSH' failed on 1/3 hosts:" in r.stderr
+        assert "phase 'Connect over SSH' failed on 1/3 hosts:" in r.stderr
         assert f"{victim}: cannot reach {victim} over SSH" in r.stderr
         assert "Traceback" not in r.stderr
         assert cli.state(name)["status"] == "failed"

@@ -66,7 +66,8 @@ class Dcx:
         try:
             return json.loads(r.stdout)
         except ValueError:
-            raise AssertionError(f"dcx {' '.join(args)}: no JSON (exit {r.returncode})\n{r.stdout}\n{r.stderr}") from None
+            detail = f"{r.stdout}\n{r.stderr}"
+            raise AssertionError(f"dcx {' '.join(args)}: no JSON (exit {r.returncode})\n{detail}") from None
 
     def state(self, cluster: str) -> dict[str, Any]:
         return json.loads((self.home / "clusters" / cluster / "state.json").read_text())
