@@ -1,0 +1,48 @@
+"""Create wall time for 1 vs 8 local namespace nodes, as a ratio (printed, not asserted).
+
+Needs root and the packages scripts/setup installs. Each cluster is destroyed after it is timed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def spec(name: str, workers: int, subnet: str) -> str:
+    text = (f"apiVersion: dcx/v1\nkind: Cluster\nmetadata: {{name: {name}}}\nspec:\n  pools:\n"
+            f"    - {{name: control, role: control, count: 1, provider: local, local: {{subnet: {subnet}}}}}\n")
+    if workers:
+        text += f"    - {{name: workers, role: worker, count: {workers}, provider: local, local: {{subnet: {subnet}}}}}\n"
+    return text
+
+
+def timed_create(home: Path, name: str, workers: int, subnet: str) -> float:
+    env = {**os.environ, "DCX_HOME": str(home), "DCX_NO_SSH_CONFIG": "1"}
+    path = home / f"{name}.yaml"
+    path.write_text(spec(name, workers, subnet))
+    dcx = [sys.executable, "-m", "dcx"]
+    start = time.perf_counter()
+    try:
+        subprocess.run([*dcx, "cluster", "create", "-f", str(path), "-q"], env=env, check=True,
+                       stdin=subprocess.DEVNULL)
+        return time.perf_counter() - start
+    finally:
+        subprocess.run([*dcx, "cluster", "destroy", "-f", str(path), "--yes", "-q"], env=env, check=False,
+                       stdin=subprocess.DEVNULL)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="dcx-bench-") as tmp:
+        home = Path(tmp)
+        one = timed_create(home, "bench-one", 0, "10.213.241.0/24")
+        eight = timed_create(home, "bench-eight", 7, "10.213.242.0/24")
+    print(f"create, 1 node : {one:6.2f} s")
+    print(f"create, 8 nodes: {eight:6.2f} s   ({eight / one:.2f}x the 1-node time for 8x the nodes)")
+
+
+if __name__ == "__main__":
+    main()
