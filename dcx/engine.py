@@ -16,12 +16,12 @@ from typing import Any
 from dcx import access
 from dcx.bootstrap.engines import NodeHealth, get_engine
 from dcx.bootstrap.phases import Host, Phase, Reporter, RunContext, run_phases
-from dcx.bootstrap.runtime import GatherFacts, InstallRuntime, StartRuntime
+from dcx.bootstrap.runtime import GatherFacts, InstallRuntime, RemoveDcxFiles, StartRuntime
 from dcx.bootstrap.ssh import HostKeyStore, Sessions, Target, connect_with_retry
 from dcx.errors import DcxError, OperationFailed
 from dcx.log import log, start_run_log, stop_run_log
 from dcx.plan import Plan, make_plan, validate_provider_settings
-from dcx.providers.base import Node, Provider, ProviderContext
+from dcx.providers.base import Node, NodeRequest, Provider, ProviderContext
 from dcx.providers.registry import provider_class
 from dcx.spec import ClusterSpec
 from dcx.state import ClusterDir, ClusterState, StateStore, new_cluster_id, now_iso
@@ -99,13 +99,23 @@ class Session:
                 cluster_name=self.name, cluster_id=self.state.id, ssh_public_key=self.public_key,
                 ssh_private_key_path=self.key_path or self.cdir.private_key, workdir=self.cdir.provider_dir(name),
                 journal=self.journal, resources=self.state.resources, log=log,
-                network=spec.spec.network if spec else None)
+                network=spec.spec.network if spec else None, spec=spec,
+                ssh_user=spec.spec.ssh.user if spec else "root")
             provider = cls(ctx)
             provider.check_prerequisites()
             self._providers[name] = provider
         return self._providers[name]
 
-    def existing_nodes(self, spec: ClusterSpec) -> list[Node]:
+    def named_requests(self, spec: ClusterSpec) -> dict[str, list[NodeRequest]]:
+        """Pools whose provider names the nodes itself (inventories)."""
+        out = {}
+        for pool in spec.spec.pools:
+            requests = self.provider(pool.provider, spec).node_requests(pool)
+            if requests is not None:
+                out[pool.name] = requests
+        return out
+
+    def existing_nodes(self, spec: ClusterSpec, forget: bool = True) -> list[Node]:
         """What exists now, asked of the providers (not taken from state)."""
         assert self.state is not None
         out: list[Node] = []
@@ -113,7 +123,7 @@ class Session:
             out.extend(self.provider(name, spec).list_nodes(pools))
         # Nodes recorded but no longer reported are gone: forget them (and their host keys).
         reported = {n.name for n in out}
-        for gone in [n for n in self.state.nodes if n not in reported]:
+        for gone in [n for n in self.state.nodes if n not in reported and forget]:
             log.info("%s is recorded but no longer exists; forgetting it", gone)
             self.forget_node(gone)
         return out
@@ -148,14 +158,21 @@ def open_session(store: StateStore, name: str, command: str, reporter: Reporter)
 
 
 def target_for(node: Node, session: Session, options: Options) -> Target:
-    jump = None
-    if node.extra.get("jump"):
-        j = node.extra["jump"]
-        jump = Target(name=j["name"], host=j["host"], port=int(j.get("port", 22)), user=j.get("user", node.ssh_user),
-                      key_file=j.get("key_file") or node.ssh_key or str(session.cdir.private_key))
+    """How to reach a node. Machines dcx made take the cluster key; machines it was given (ssh pools)
+    take their inventory's or ~/.ssh/config's keys, the agent and OpenSSH's default identities."""
+    become = options.become_password if node.ssh_user != "root" else None
+    if node.extra.get("endpoint"):
+        from dcx.sshconfig import Endpoint
+
+        ep = Endpoint.from_dict(node.extra["endpoint"])
+        jump = None
+        for hop in ep.jumps:  # outermost first: each hop is reached through the one before
+            jump = Target(name=f"jump:{hop.host}:{hop.port}", host=hop.host, port=hop.port, user=hop.user,
+                          key_files=hop.key_files, jump=jump, default_keys=True)
+        return Target(name=node.name, host=ep.host, port=ep.port, user=ep.user or node.ssh_user,
+                      key_files=ep.key_files, jump=jump, default_keys=True, become_password=become)
     return Target(name=node.name, host=node.ssh_address, port=node.ssh_port, user=node.ssh_user,
-                  key_file=node.ssh_key or str(session.cdir.private_key), jump=jump,
-                  become_password=options.become_password if node.extra.get("become_password") else None)
+                  key_files=[node.ssh_key or str(session.cdir.private_key)], become_password=become)
 
 
 class Connect(Phase):
@@ -212,7 +229,7 @@ def apply(spec: ClusterSpec, options: Options, store: StateStore | None = None) 
         session.save()  # write-ahead: the cluster exists (with its id) before any resource does
         session.key_path, session.public_key = session.cdir.ensure_ssh_key()
         existing = session.existing_nodes(spec)
-        plan = make_plan(spec, existing, None, new_cluster=not existing)
+        plan = make_plan(spec, existing, None, new_cluster=not existing, named=session.named_requests(spec))
         nodes = provision(session, spec, plan)
         if options.provision_only:
             session.state.status = "provisioned"
@@ -280,7 +297,10 @@ def remove_nodes(session: Session, spec: ClusterSpec, ctx: RunContext, leaving: 
     for n in leaving:
         by_provider.setdefault(n.provider, []).append(n)
     for name, nodes in by_provider.items():
-        session.provider(name, spec).delete_nodes(pools_by_provider(spec).get(name, []), nodes)
+        provider = session.provider(name, spec)
+        if provider.resets_machines:
+            reset_files(session, spec, nodes, options)
+        provider.delete_nodes(pools_by_provider(spec).get(name, []), nodes)
         for n in nodes:
             session.forget_node(n.name)
 
@@ -289,19 +309,19 @@ def plan(spec: ClusterSpec, store: StateStore | None = None) -> Plan:
     """What `create` would do. Asks providers what exists and the engine how healthy it is."""
     store = store or StateStore()
     validate_provider_settings(spec)
-    cdir = store.cluster(spec.name)
-    if not cdir.exists():
+    session = Session(store, spec.name, "plan", _null_reporter())
+    state = session.load_or_new(None)  # in memory only: planning writes nothing
+    named = session.named_requests(spec)
+    if not session.cdir.exists():
         from dcx.plan import desired_nodes
 
-        return Plan(cluster=spec.name, create=desired_nodes(spec), new_cluster=True)
-    session = Session(store, spec.name, "plan", _null_reporter())
-    state = session.load_or_new(None)
-    session.key_path, session.public_key = cdir.ensure_ssh_key()
-    existing = session.existing_nodes(spec)
+        return Plan(cluster=spec.name, create=desired_nodes(spec, named), new_cluster=True)
+    session.key_path, session.public_key = session.cdir.private_key, ""
+    existing = session.existing_nodes(spec, forget=False)
     healthy: dict[str, bool] | None = None
     if existing and state.status == "ready":
         healthy = {k: v.ready for k, v in cluster_health(session, spec, existing, Options()).items()}
-    return make_plan(spec, existing, healthy, new_cluster=not existing)
+    return make_plan(spec, existing, healthy, new_cluster=not existing, named=named)
 
 
 def cluster_health(session: Session, spec: ClusterSpec | None, nodes: list[Node], options: Options,
@@ -396,7 +416,7 @@ def destroy(name: str | None, spec: ClusterSpec | None, options: Options, store:
             nodes = provider.list_nodes(pools) if session.state.id else []
             recorded = [Node.from_dict(d) for d in session.state.nodes.values() if d.get("provider") == pname]
             known = {n.name: n for n in recorded + nodes}
-            if getattr(provider, "resets_machines", False):
+            if provider.resets_machines:
                 reset_hosts(session, spec, list(known.values()), options)
             if known:
                 provider.delete_nodes(pools, list(known.values()))
@@ -411,6 +431,18 @@ def destroy(name: str | None, spec: ClusterSpec | None, options: Options, store:
     return removed
 
 
+def reset_files(session: Session, spec: ClusterSpec, nodes: list[Node], options: Options) -> None:
+    """After a machine that stays has left the cluster: the mesh and dcx's files go."""
+    from dcx.bootstrap.mesh import mesh_reset_phases
+
+    ctx = build_context(session, spec, nodes, options)
+    try:
+        run_phases(ctx, [Connect(min(options.ssh_timeout, 60))] + mesh_reset_phases(ctx)
+                   + [RemoveDcxFiles(options.purge)])
+    finally:
+        ctx.sessions.close()
+
+
 def reset_hosts(session: Session, spec: ClusterSpec, nodes: list[Node], options: Options) -> None:
     """For machines that stay (ssh pools): leave the cluster and remove what dcx put there."""
     if not nodes:
@@ -421,7 +453,7 @@ def reset_hosts(session: Session, spec: ClusterSpec, nodes: list[Node], options:
         from dcx.bootstrap.mesh import mesh_reset_phases
 
         run_phases(ctx, [Connect(min(options.ssh_timeout, 60))] + engine.reset_phases(ctx, options.purge)
-                   + mesh_reset_phases(ctx))
+                   + mesh_reset_phases(ctx) + [RemoveDcxFiles(options.purge)])
     finally:
         ctx.sessions.close()
 

@@ -20,7 +20,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dcx.errors import OperationFailed
@@ -96,6 +96,15 @@ def bridge_ports(name: str) -> list[str]:
 
 
 @dataclass
+class LoginUser:
+    """A non-root account on a test-bed host (private /etc/passwd, shadow, group, sudoers.d)."""
+
+    name: str
+    sudo: str = "nopasswd"  # nopasswd | password | none
+    password: str = ""  # for sudo: password
+
+
+@dataclass
 class HostSpec:
     """One namespace host to make."""
 
@@ -107,7 +116,8 @@ class HostSpec:
     authorized_key: str
     ssh_port: int = 22
     gateway: str | None = None  # default route (test beds with routers); none for plain nodes
-    login_user: str | None = None  # a non-root login (test beds); root always accepts the key
+    users: list[LoginUser] = field(default_factory=list)  # non-root logins (test beds); root always accepts the key
+    extra_links: list[tuple[str, str]] = field(default_factory=list)  # (bridge, CIDR) as eth1, eth2, ...
 
     @property
     def ip(self) -> str:
@@ -178,24 +188,28 @@ def start_host(spec: HostSpec) -> int:
         sh("ip", "-n", spec.netns, "addr", "add", spec.address, "dev", "eth0")
     sh("ip", "-n", spec.netns, "link", "set", "lo", "up")
     sh("ip", "-n", spec.netns, "link", "set", "eth0", "up")
+    for i, (bridge, cidr) in enumerate(spec.extra_links, start=1):
+        _add_link(spec.netns, f"eth{i}", bridge, cidr)
     if spec.gateway:
         sh("ip", "-n", spec.netns, "route", "replace", "default", "via", spec.gateway)
 
     pid = sshd_pid(spec.netns)
     if pid:
         return pid
-    config = _write_sshd(spec, dirs)
-    setup = " && ".join([
+    _write_sshd(spec, dirs)  # inside the host it is /run/dcx-host/sshd_config
+    steps = [
         "mount -t tmpfs -o mode=0755 tmpfs /run",
         "mkdir -p /run/sshd /run/dcx-host /run/netns /var/lib/docker /etc/docker",
         f"mount --bind {dirs['sshd']} /run/dcx-host",
         f"mount --bind {dirs['docker']} /var/lib/docker",
         f"mount --bind {dirs['etc_docker']} /etc/docker",
         f"mount --bind {dirs['root']} /root",
-        f"hostname {spec.hostname}",
-        f"exec {SSHD} -D -f /run/dcx-host/sshd_config -E /run/dcx-host/sshd.log",
-    ])
-    del config  # the path inside the host is /run/dcx-host/sshd_config
+    ]
+    if spec.users:
+        steps += _user_mounts(spec, dirs)
+    steps += [f"hostname {spec.hostname}",
+              f"exec {SSHD} -D -f /run/dcx-host/sshd_config -E /run/dcx-host/sshd.log"]
+    setup = " && ".join(steps)
     log_file = open(dirs["log"] / "start.log", "ab")  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen(
@@ -207,6 +221,54 @@ def start_host(spec: HostSpec) -> int:
     (spec.home / "sshd.pid").write_text(str(proc.pid))
     wait_for_port(spec.netns, spec.ip, spec.ssh_port, proc)
     return proc.pid
+
+
+def _add_link(ns: str, name: str, bridge: str, cidr: str) -> None:
+    if sh("ip", "-n", ns, "-o", "link", "show", name, check=False).returncode != 0:
+        veth = veth_name(f"{ns}/{name}")
+        if link_exists(veth):
+            sh("ip", "link", "del", veth, check=False)
+        sh("ip", "link", "add", veth, "type", "veth", "peer", "name", f"{veth}p")
+        sh("ip", "link", "set", f"{veth}p", "netns", ns)
+        sh("ip", "-n", ns, "link", "set", f"{veth}p", "name", name)
+        sh("ip", "link", "set", veth, "master", bridge)
+        sh("ip", "link", "set", veth, "up")
+    if f" {cidr} " not in sh("ip", "-n", ns, "-o", "addr", "show", "dev", name).stdout:
+        sh("ip", "-n", ns, "addr", "add", cidr, "dev", name)
+    sh("ip", "-n", ns, "link", "set", name, "up")
+
+
+def _user_mounts(spec: HostSpec, dirs: dict[str, Path]) -> list[str]:
+    """Private account files for the host: this machine's, plus the test-bed users."""
+    etc = spec.home / "etc"
+    sudoers = etc / "sudoers.d"
+    homes = spec.home / "home"
+    sudoers.mkdir(parents=True, exist_ok=True)
+    homes.mkdir(exist_ok=True)
+    passwd = Path("/etc/passwd").read_text()
+    group = Path("/etc/group").read_text()
+    shadow = Path("/etc/shadow").read_text() if Path("/etc/shadow").exists() else ""
+    for i, user in enumerate(spec.users):
+        uid = 2000 + i
+        passwd += f"{user.name}:x:{uid}:{uid}::/home/{user.name}:/bin/sh\n"
+        group += f"{user.name}:x:{uid}:\n"
+        hashed = sh("openssl", "passwd", "-6", "-stdin", input=user.password).stdout.strip() if user.password else "*"
+        shadow += f"{user.name}:{hashed}:19000:0:99999:7:::\n"
+        home = homes / user.name
+        home.mkdir(exist_ok=True)
+        os.chown(home, uid, uid)
+        if user.sudo != "none":
+            tag = "NOPASSWD: " if user.sudo == "nopasswd" else ""
+            rule = sudoers / f"90-{user.name}"
+            rule.write_text(f"{user.name} ALL=(ALL:ALL) {tag}ALL\n")
+            rule.chmod(0o440)
+    (etc / "passwd").write_text(passwd)
+    (etc / "group").write_text(group)
+    (etc / "shadow").write_text(shadow)
+    (etc / "shadow").chmod(0o640)
+    return [f"mount --bind {etc / 'passwd'} /etc/passwd", f"mount --bind {etc / 'group'} /etc/group",
+            f"mount --bind {etc / 'shadow'} /etc/shadow", f"mount --bind {sudoers} /etc/sudoers.d",
+            f"mount --bind {homes} /home"]
 
 
 def sshd_pid(netns: str) -> int | None:

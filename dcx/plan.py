@@ -31,12 +31,14 @@ def validate_provider_settings(spec: ClusterSpec) -> None:
             raise_located(exc, spec._locator, ("spec", "pools", i, pool.provider))
 
 
-def desired_nodes(spec: ClusterSpec, pool_sizes: dict[str, int] | None = None) -> list[NodeRequest]:
-    """Stable names per pool: cluster-pool-1..count. `pool_sizes` overrides counts (ssh inventories)."""
+def desired_nodes(spec: ClusterSpec, named: dict[str, list[NodeRequest]] | None = None) -> list[NodeRequest]:
+    """Stable names per pool: cluster-pool-1..count, or the names a provider gives (an inventory's)."""
     out = []
     for pool in spec.spec.pools:
-        count = (pool_sizes or {}).get(pool.name, pool.count or 0)
-        for i in range(1, count + 1):
+        if named and pool.name in named:
+            out.extend(named[pool.name])
+            continue
+        for i in range(1, (pool.count or 0) + 1):
             out.append(NodeRequest(name=node_name(spec.name, pool.name, i), pool=pool.name, role=pool.role, index=i))
     return out
 
@@ -76,11 +78,11 @@ def make_plan(
     existing: list[Node],
     healthy: dict[str, bool] | None,
     new_cluster: bool,
-    pool_sizes: dict[str, int] | None = None,
+    named: dict[str, list[NodeRequest]] | None = None,
 ) -> Plan:
     """`existing`: nodes that exist (recorded or reported by providers). `healthy`: per node whether
     the engine reports it Ready (None when the cluster could not be asked)."""
-    want = desired_nodes(spec, pool_sizes)
+    want = desired_nodes(spec, named)
     want_names = {r.name for r in want}
     have = {n.name: n for n in existing}
     plan = Plan(cluster=spec.name, new_cluster=new_cluster)

@@ -208,3 +208,34 @@ def wait_for_docker(host: Host, timeout: float = 90.0) -> None:
             tail = host.run(f"tail -n 5 {DOCKERD_LOG} 2>/dev/null", timeout=15).stdout.strip()
             raise OperationFailed(f"docker did not become ready within {timeout:.0f}s" + (f": {tail}" if tail else ""))
         time.sleep(1.0)
+
+
+# --- reset (machines that stay: ssh pools) ------------------------------------------------------
+
+DCX_PATHS = ["/etc/dcx", "/run/dcx", DOCKERD_LOG]
+
+
+def docker_purge_commands(facts: Facts) -> list[str]:
+    """Stop and remove Docker Engine and its data (only with --purge)."""
+    stop = {"systemd": "systemctl disable --now docker docker.socket || true",
+            "openrc": "rc-service docker stop || true; rc-update del docker default || true"}.get(
+        facts.init, f"[ -f {DOCKERD_PIDFILE} ] && kill \"$(cat {DOCKERD_PIDFILE})\" || true")
+    remove = {"debian": "DEBIAN_FRONTEND=noninteractive apt-get purge -y -q docker.io docker-ce docker-ce-cli || true",
+              "rhel": "dnf remove -y docker-ce docker-ce-cli containerd.io moby-engine docker || true",
+              "alpine": "apk del docker || true", "suse": "zypper --non-interactive remove docker || true",
+              "arch": "pacman -Rns --noconfirm docker || true"}.get(facts.family, "true")
+    return [stop, remove, "rm -rf /var/lib/docker /etc/docker"]
+
+
+class RemoveDcxFiles(Phase):
+    title = "Remove dcx's files"
+
+    def __init__(self, purge: bool) -> None:
+        self.purge = purge
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        commands = ["rm -rf " + " ".join(q(p) for p in DCX_PATHS)]
+        if self.purge:
+            facts = host.facts or gather_facts(host)
+            commands = docker_purge_commands(facts) + commands
+        host.run("; ".join(commands), timeout=600, check=True, what="removing dcx's files")

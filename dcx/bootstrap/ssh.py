@@ -35,10 +35,11 @@ class Target:
     host: str
     port: int = 22
     user: str = "root"
-    key_file: str = ""
+    key_files: list[str] = field(default_factory=list)
     jump: Target | None = None  # reached through this host (ProxyJump), chained
     become_password: str | None = field(default=None, repr=False)
     agent: bool = True  # also offer keys from ssh-agent
+    default_keys: bool = False  # also try ~/.ssh/id_* (OpenSSH's defaults), for machines dcx did not make
 
     @property
     def label(self) -> str:
@@ -159,14 +160,14 @@ class Connection:
                     self.target.host,
                     port=self.target.port,
                     username=self.target.user,
-                    key_filename=self.target.key_file or None,
+                    key_filename=self.target.key_files or None,
                     passphrase=self._passphrase,
                     sock=self._socket(timeout),
                     timeout=timeout,
                     banner_timeout=timeout,
                     auth_timeout=timeout,
                     allow_agent=self.target.agent,
-                    look_for_keys=False,
+                    look_for_keys=self.target.default_keys,
                 )
             except BaseException:
                 c.close()

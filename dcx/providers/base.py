@@ -72,6 +72,8 @@ class ProviderContext:
     resources: dict[str, Any]  # what was recorded so far (the cluster state's `resources`)
     log: logging.Logger
     network: Any = None  # the spec's NetworkSpec (sshCIDR, mesh settings)
+    spec: Any = None  # the ClusterSpec being applied (None when destroying from state alone)
+    ssh_user: str = "root"  # the spec's ssh.user: the login user on machines dcx makes
 
     def record(self, key: str, value: Any) -> None:
         """Record a resource (or the intent to make one) before/after the API call that makes it."""
@@ -112,6 +114,13 @@ class Provider(ABC):
     @abstractmethod
     def sweep(self, pools: list[Any]) -> list[str]:
         """Delete every remaining resource carrying the cluster's identity; return what was deleted."""
+
+    # True for providers of machines dcx did not make (ssh): destroy resets them instead of deleting.
+    resets_machines: ClassVar[bool] = False
+
+    def node_requests(self, pool: Any) -> list[NodeRequest] | None:
+        """The pool's nodes by name, when the provider decides them (an inventory); None: count-based."""
+        return None
 
     def repair_nodes(self, pools: list[Any], nodes: list[Node]) -> list[Node]:
         """Bring existing machines back to a reachable state (restart what stopped). Default: as they are."""

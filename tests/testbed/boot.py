@@ -37,6 +37,7 @@ class BootSimulator:
         netns.ensure_bridge(self.bridge, f"{next(self.subnet.hosts())}/{self.subnet.prefixlen}")
 
     def boot(self, instance_id: str, ip: str, authorized_key: str, hostname: str, login_user: str = "root") -> None:
+        """Start a machine; `login_user` other than root gets passwordless sudo, as cloud images do."""
         ns = f"dcxtest-{netns.short_hash(instance_id, n=10)}"
         with self._lock:
             if instance_id in self.hosts:
@@ -44,7 +45,8 @@ class BootSimulator:
             self.hosts[instance_id] = ns
         netns.start_host(netns.HostSpec(
             netns=ns, hostname=hostname, address=f"{ip}/{self.subnet.prefixlen}", bridge=self.bridge,
-            home=self.workdir / ns, authorized_key=authorized_key, login_user=login_user))
+            home=self.workdir / ns, authorized_key=authorized_key,
+            users=[] if login_user == "root" else [netns.LoginUser(login_user)]))
         self.booted.append(instance_id)
 
     def halt(self, instance_id: str) -> None:

@@ -1,0 +1,137 @@
+"""The `ssh` provider: pools of machines that already exist (bare metal, VMs made elsewhere).
+
+It never creates or deletes machines. Hosts come from an inventory (Ansible INI/YAML or dcx's own,
+see dcx.inventory) or are listed inline; connection settings follow OpenSSH (dcx.sshconfig). On
+destroy, or when a host leaves the inventory, the machine is reset instead (the engine's leave and
+dcx's files; the runtime only with --purge) and stays reachable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dcx.errors import SpecError
+from dcx.providers.base import Node, NodeRequest, Provider
+
+
+class InlineHost(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    address: str = ""
+    port: int | None = Field(default=None, ge=1, le=65535)
+    user: str = ""
+    privateKey: str = ""
+    proxyJump: str = ""
+    meshEndpoint: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class SshSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inventory: str = ""  # path, relative to the cluster file
+    group: str | None = None
+    hosts: list[InlineHost] = Field(default_factory=list)
+    network: str = ""  # pools with the same network reach each other's private addresses
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SshSettings:
+        if bool(self.inventory) == bool(self.hosts):
+            raise ValueError("give either inventory (with an optional group) or hosts")
+        return self
+
+
+class SshProvider(Provider):
+    name = "ssh"
+    settings_model = SshSettings
+    resets_machines = True
+
+    def _hosts(self, pool: Any) -> list[dict[str, Any]]:
+        """The pool's hosts as plain settings, in inventory order."""
+        settings = SshSettings.model_validate(pool.settings)
+        if settings.hosts:
+            return [{"name": h.name, "address": h.address or h.name, "port": h.port, "user": h.user,
+                     "key": h.privateKey, "proxy_jump": h.proxyJump, "mesh_endpoint": h.meshEndpoint,
+                     "labels": h.labels} for h in settings.hosts]
+        from dcx.inventory import load_inventory
+
+        base = self.ctx.spec.base_dir if self.ctx.spec is not None else Path.cwd()
+        path = Path(settings.inventory)
+        hosts = load_inventory(path if path.is_absolute() else base / path, settings.group)
+        return [{"name": h.name, "address": h.address, "port": h.port if h.port != 22 else None, "user": h.user,
+                 "key": h.private_key_file, "proxy_jump": h.proxy_jump, "mesh_endpoint": h.mesh_endpoint,
+                 "labels": {}} for h in hosts]
+
+    def node_requests(self, pool: Any) -> list[NodeRequest]:
+        hosts = self._hosts(pool)
+        if pool.count is not None and pool.count != len(hosts) and self.ctx.spec is not None:
+            index = [p.name for p in self.ctx.spec.spec.pools].index(pool.name)
+            raise self.ctx.spec.error(("spec", "pools", index, "count"),
+                                      f"is {pool.count} but the pool's inventory has {len(hosts)} hosts")
+        names = [h["name"] for h in hosts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise SpecError(self.ctx.spec.file if self.ctx.spec else "<spec>", None, f"pool {pool.name}",
+                            f"hosts listed twice: {', '.join(dupes)}")
+        return [NodeRequest(name=h["name"], pool=pool.name, role=pool.role, index=i + 1) for i, h in enumerate(hosts)]
+
+    def _node(self, pool: Any, host: dict[str, Any]) -> Node:
+        from dcx.sshconfig import resolve
+
+        spec_ssh = self.ctx.spec.spec.ssh if self.ctx.spec is not None else None
+        endpoint = resolve(host["name"], host=host["address"], port=host["port"] or None,
+                           user=host["user"] or "", key_file=host["key"] or (spec_ssh.privateKey if spec_ssh else ""),
+                           proxy_jump=host["proxy_jump"], default_user=spec_ssh.user if spec_ssh else "root")
+        if endpoint.port == 22 and spec_ssh is not None and not host["port"]:
+            endpoint.port = spec_ssh.port
+        settings = SshSettings.model_validate(pool.settings)
+        return Node(
+            name=host["name"], pool=pool.name, provider=self.name, role=pool.role, ssh_address=endpoint.host,
+            private_address=endpoint.host, ssh_user=endpoint.user, ssh_port=endpoint.port,
+            ssh_key=endpoint.key_files[0] if endpoint.key_files else "",
+            labels=dict(host["labels"]), network=f"ssh:{settings.network or pool.name}",
+            mesh_endpoint=host["mesh_endpoint"], extra={"endpoint": endpoint.to_dict()},
+        )
+
+    def create_nodes(self, pool: Any, requests: list[NodeRequest]) -> list[Node]:
+        by_name = {h["name"]: h for h in self._hosts(pool)}
+        nodes = [self._node(pool, by_name[r.name]) for r in requests]
+        for n in nodes:
+            # Adopted: recorded with its connection settings, so a host that later leaves the inventory
+            # can still be reached to be reset.
+            self.ctx.record(f"ssh/node/{n.name}", n.to_dict())
+        return nodes
+
+    def list_nodes(self, pools: list[Any]) -> list[Node]:
+        """Every inventory host, plus recorded hosts that left the inventory (they must be reset)."""
+        out = []
+        seen = set()
+        for pool in pools:
+            for host in self._hosts(pool):
+                if f"ssh/node/{host['name']}" in self.ctx.resources:
+                    out.append(self._node(pool, host))
+                    seen.add(host["name"])
+        for key in self.ctx.recorded_keys("ssh/node/"):
+            if key.split("/", 2)[2] not in seen:
+                out.append(Node.from_dict(self.ctx.recorded(key)))
+        return out
+
+    def repair_nodes(self, pools: list[Any], nodes: list[Node]) -> list[Node]:
+        # Connection settings are re-read from the inventory on every run: it is the source of truth.
+        by_pool = {p.name: p for p in pools}
+        out = []
+        for n in nodes:
+            pool = by_pool.get(n.pool)
+            hosts = {h["name"]: h for h in self._hosts(pool)} if pool else {}
+            out.append(self._node(pool, hosts[n.name]) if n.name in hosts else n)
+        return out
+
+    def delete_nodes(self, pools: list[Any], nodes: list[Node]) -> None:
+        # The machines stay: the engine already reset them. Only dcx's record of them goes.
+        for n in nodes:
+            self.ctx.record(f"ssh/node/{n.name}", None)
+
+    def sweep(self, pools: list[Any]) -> list[str]:
+        return []

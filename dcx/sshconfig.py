@@ -1,0 +1,88 @@
+"""OpenSSH client settings as OpenSSH users expect them: ~/.ssh/config Host patterns with HostName,
+User, Port, IdentityFile and ProxyJump (chained). Explicit values (inventory, spec) win over the
+config file, as command-line options do for `ssh`."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paramiko
+
+DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
+
+
+def user_ssh_dir() -> Path:
+    return Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh"
+
+
+def load_user_config(path: Path | None = None) -> paramiko.SSHConfig:
+    path = path or Path(os.environ.get("DCX_SSH_CONFIG", str(user_ssh_dir() / "config")))
+    if path.exists():
+        return paramiko.SSHConfig.from_path(str(path))
+    return paramiko.SSHConfig()
+
+
+@dataclass
+class Endpoint:
+    alias: str  # what the user wrote (inventory name or address)
+    host: str
+    port: int = 22
+    user: str = ""
+    key_files: list[str] = field(default_factory=list)
+    jumps: list[Endpoint] = field(default_factory=list)  # outermost first
+
+    def to_dict(self) -> dict[str, object]:
+        return {"alias": self.alias, "host": self.host, "port": self.port, "user": self.user,
+                "key_files": self.key_files, "jumps": [j.to_dict() for j in self.jumps]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Endpoint:
+        return cls(alias=str(data["alias"]), host=str(data["host"]), port=int(data.get("port", 22)),  # type: ignore[arg-type]
+                   user=str(data.get("user", "")), key_files=list(data.get("key_files", [])),  # type: ignore[arg-type]
+                   jumps=[cls.from_dict(j) for j in data.get("jumps", [])])  # type: ignore[union-attr]
+
+
+def parse_jump(spec: str) -> tuple[str, str, int | None]:
+    """`[user@]host[:port]` -> (user, host, port)."""
+    user, _, rest = spec.rpartition("@")
+    host, port = rest, None
+    if rest.startswith("["):  # [v6]:port
+        host, _, tail = rest[1:].partition("]")
+        port = int(tail[1:]) if tail.startswith(":") else None
+    elif rest.count(":") == 1:
+        host, p = rest.split(":")
+        port = int(p)
+    return user, host, port
+
+
+def resolve(alias: str, *, host: str = "", port: int | None = None, user: str = "", key_file: str = "",
+            proxy_jump: str = "", config: paramiko.SSHConfig | None = None, default_user: str = "root",
+            _depth: int = 0) -> Endpoint:
+    """Resolve one destination: explicit values, then ~/.ssh/config, then defaults."""
+    if _depth > 8:
+        raise ValueError(f"ProxyJump chain through {alias} is too deep (a loop?)")
+    config = config if config is not None else load_user_config()
+    found = config.lookup(host or alias)
+    # Like Ansible, the address (ansible_host) is what ssh looks up in its config; it wins over HostName.
+    hostname = host or found.get("hostname", alias)
+    keys = [os.path.expanduser(k) for k in ([key_file] if key_file else found.get("identityfile", []))]
+    jump_spec = proxy_jump or found.get("proxyjump", "")
+    jumps: list[Endpoint] = []
+    if jump_spec and jump_spec.lower() != "none":
+        for hop in jump_spec.split(","):
+            j_user, j_host, j_port = parse_jump(hop.strip())
+            hop_ep = resolve(j_host, port=j_port, user=j_user, config=config, default_user=default_user,
+                             _depth=_depth + 1)
+            jumps.extend(hop_ep.jumps)
+            hop_ep.jumps = []
+            jumps.append(hop_ep)
+    return Endpoint(alias=alias, host=hostname, port=int(port or found.get("port", 22)),
+                    user=user or found.get("user", default_user), key_files=keys, jumps=jumps)
+
+
+def default_identities() -> list[str]:
+    d = user_ssh_dir()
+    return [str(d / name) for name in DEFAULT_IDENTITIES if (d / name).exists()]
