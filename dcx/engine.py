@@ -85,6 +85,7 @@ class Session:
     def forget_node(self, name: str) -> None:
         assert self.state is not None
         self.state.nodes.pop(name, None)
+        self.state.resources.pop(f"mesh/address/{name}", None)
         if self.state.host_keys.pop(name, None) is not None:
             access.write_known_hosts(self.cdir, self.state.host_keys)
         self.save()
@@ -239,6 +240,7 @@ def apply(spec: ClusterSpec, options: Options, store: StateStore | None = None) 
         ctx = build_context(session, spec, nodes, options)
         try:
             engine = get_engine(spec.spec.engine.type)
+            assign_mesh(session, spec, ctx)
             from dcx.bootstrap.mesh import mesh_phases
 
             run_phases(ctx, base_phases(options) + mesh_phases(ctx) + engine.phases(ctx))
@@ -255,6 +257,23 @@ def apply(spec: ClusterSpec, options: Options, store: StateStore | None = None) 
             raise
         finally:
             ctx.sessions.close()
+
+
+def assign_mesh(session: Session, spec: ClusterSpec, ctx: RunContext) -> None:
+    """Mesh addresses are recorded (not derived) so that adding a node never renumbers the others."""
+    from dcx.bootstrap.mesh import assign_addresses, mesh_wanted
+
+    if not mesh_wanted(ctx):
+        return
+    assert session.state is not None
+    prefix = "mesh/address/"
+    taken = {k[len(prefix):]: v for k, v in session.state.resources.items() if k.startswith(prefix)}
+    addresses = assign_addresses(spec.spec.network.meshCIDR, [h.name for h in ctx.hosts], taken)
+    for name, address in addresses.items():
+        if taken.get(name) != address:
+            session.journal(prefix + name, address)
+    for h in ctx.hosts:
+        h.data["mesh_address"] = addresses[h.name]
 
 
 def provision(session: Session, spec: ClusterSpec, plan: Plan) -> list[Node]:

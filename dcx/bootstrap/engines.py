@@ -40,8 +40,9 @@ class ClusterEngine:
 
 def engine_address(ctx: RunContext, host: Host) -> str:
     """The address the engine advertises: the mesh address when a mesh is up, else the private one."""
-    mesh = host.data.get("mesh_address")
-    return mesh or host.node.private_address or host.node.ssh_address
+    from dcx.bootstrap.mesh import private_address
+
+    return host.data.get("mesh_address") or private_address(host)
 
 
 def get_engine(kind: str) -> ClusterEngine:

@@ -111,6 +111,7 @@ class HostFailure:
     host: str
     error: str
     output: str = ""
+    hint: str | None = None
 
 
 class PhaseFailed(OperationFailed):
@@ -122,7 +123,8 @@ class PhaseFailed(OperationFailed):
             lines.append(f"  {f.host}: {f.error}")
             for out in f.output.splitlines()[-5:]:
                 lines.append(f"      | {out}")
-        super().__init__(redact("\n".join(lines)))
+        hints = list(dict.fromkeys(f.hint for f in failures if f.hint))
+        super().__init__(redact("\n".join(lines)), hint="\n".join(hints) or None)
 
 
 def describe_error(exc: BaseException) -> tuple[str, str]:
@@ -165,7 +167,7 @@ def run_phase(ctx: RunContext, phase: Phase) -> None:
             if not isinstance(error, OperationFailed):
                 log.debug("traceback", exc_info=error)
             ctx.reporter.host_done(phase.title, host.name, "failed", redact(message))
-            failures.append(HostFailure(host.name, redact(message), redact(output)))
+            failures.append(HostFailure(host.name, redact(message), redact(output), getattr(error, "hint", None)))
     changed = sum(1 for _, r, _ in results if r == "changed")
     skipped = sum(1 for _, r, _ in results if r == "skipped")
     ctx.reporter.phase_done(phase.title, changed, skipped, len(failures))

@@ -22,6 +22,8 @@ echo "os_version=${VERSION_ID:-}"
 echo "arch=$(uname -m)"
 echo "kernel=$(uname -r)"
 echo "hostname=$(hostname)"
+echo "primary_ip=$(ip -4 route get 1.0.0.0 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p')"
+echo "addresses=$(ip -4 -o addr show scope global 2>/dev/null | awk '{print $4}' | cut -d/ -f1 | tr '\n' ' ')"
 echo "uid=$(id -u)"
 echo "cpus=$(nproc 2>/dev/null || echo 0)"
 echo "mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null)"
@@ -50,6 +52,8 @@ class Facts:
     arch: str = ""
     kernel: str = ""
     hostname: str = ""
+    primary_ip: str = ""  # the source address of the default route ("" without one)
+    addresses: str = ""  # every global IPv4 address, space separated
     uid: int = -1
     cpus: int = 0
     mem_kb: int = 0
@@ -91,6 +95,8 @@ def parse_facts(text: str) -> Facts:
             values[key.strip()] = value.strip()
     f = Facts()
     for name, field in Facts.__dataclass_fields__.items():
+        if name == "primary_ip" and not values.get(name):
+            values[name] = values.get("addresses", "").split(" ")[0]
         if name not in values:
             continue
         raw = values[name]

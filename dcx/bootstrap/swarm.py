@@ -13,6 +13,7 @@ from typing import Any
 
 from dcx.bootstrap.engines import ClusterEngine, NodeHealth, engine_address
 from dcx.bootstrap.phases import Host, Phase, RunContext, run_phases
+from dcx.bootstrap.ssh import CommandFailed
 from dcx.errors import OperationFailed
 from dcx.log import log, register_secret
 from dcx.shell import cmd
@@ -129,9 +130,21 @@ class _Join(Phase):
 
     def run(self, ctx: RunContext, host: Host) -> None:
         addr = engine_address(ctx, host)
-        host.run(join_command(addr, self._manager_addr, host.data.get("mesh_address")),
-                 stdin=self._get_token() + "\n", timeout=180, check=True, what="docker swarm join")
+        try:
+            host.run(join_command(addr, self._manager_addr, host.data.get("mesh_address")),
+                     stdin=self._get_token() + "\n", timeout=180, check=True, what="docker swarm join")
+        except CommandFailed as exc:
+            raise OperationFailed(exc.message, hint=unreachable_hint(ctx, host, self._manager)) from None
         host.data["swarm"] = swarm_info(host)
+
+
+def unreachable_hint(ctx: RunContext, host: Host, manager: Host) -> str | None:
+    """Why a join may fail: nodes in different networks without the mesh cannot reach each other."""
+    if host.data.get("mesh_address") or host.node.network == manager.node.network:
+        return None
+    return (f"{host.name} ({host.node.network}) and the manager {manager.name} ({manager.node.network}) sit in "
+            "different networks and the mesh is off, so they may not reach each other's private addresses: "
+            "set spec.network.mesh to auto or wireguard")
 
 
 class JoinManagers(_Join):
