@@ -139,7 +139,10 @@ def _write_sshd(spec: HostSpec, dirs: dict[str, Path]) -> Path:
     key = sshd_dir / "ssh_host_ed25519_key"
     if not key.exists():
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", spec.hostname, "-f", str(key))
+    # sshd reads authorized keys as the logging-in user: non-root test users must be able to.
+    sshd_dir.chmod(0o755)
     (sshd_dir / "authorized_keys").write_text(spec.authorized_key.strip() + "\n")
+    (sshd_dir / "authorized_keys").chmod(0o644)
     # Inside the host, this directory is bind-mounted at /run/dcx-host (its /root is private).
     config = sshd_dir / "sshd_config"
     config.write_text(

@@ -168,6 +168,7 @@ class MeshVerify(Phase):
     """Every node must have a fresh handshake with every peer before the engine relies on the mesh."""
 
     title = "Verify the mesh (handshakes with every peer)"
+    read_only = True
     timeout = 60.0
 
     def run(self, ctx: RunContext, host: Host) -> None:

@@ -92,6 +92,7 @@ class Phase:
 
     title: str = ""
     serial: bool = False  # run hosts one after another (e.g. control-plane joins, one member at a time)
+    read_only: bool = False  # only looks (connect, facts, verify): reported as "ok", never as "changed"
 
     def hosts(self, ctx: RunContext) -> list[Host]:
         return ctx.hosts
@@ -155,8 +156,9 @@ def run_phase(ctx: RunContext, phase: Phase) -> None:
             ctx.reporter.host_done(phase.title, host.name, "skipped")
             return "skipped"
         phase.run(ctx, host)
-        ctx.reporter.host_done(phase.title, host.name, "changed")
-        return "changed"
+        outcome = "ok" if phase.read_only else "changed"
+        ctx.reporter.host_done(phase.title, host.name, outcome)
+        return outcome
 
     results = fan_out(one, hosts, 1 if phase.serial else ctx.parallel)
     failures: list[HostFailure] = []
@@ -169,7 +171,7 @@ def run_phase(ctx: RunContext, phase: Phase) -> None:
             ctx.reporter.host_done(phase.title, host.name, "failed", redact(message))
             failures.append(HostFailure(host.name, redact(message), redact(output), getattr(error, "hint", None)))
     changed = sum(1 for _, r, _ in results if r == "changed")
-    skipped = sum(1 for _, r, _ in results if r == "skipped")
+    skipped = sum(1 for _, r, _ in results if r in ("skipped", "ok"))
     ctx.reporter.phase_done(phase.title, changed, skipped, len(failures))
     if failures:
         raise PhaseFailed(phase.title, failures, len(hosts))

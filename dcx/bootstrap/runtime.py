@@ -121,6 +121,7 @@ def gather_facts(host: Host) -> Facts:
 
 class GatherFacts(Phase):
     title = "Gather host facts"
+    read_only = True
 
     def run(self, ctx: RunContext, host: Host) -> None:
         host.facts = gather_facts(host)

@@ -40,6 +40,7 @@ class Target:
     become_password: str | None = field(default=None, repr=False)
     agent: bool = True  # also offer keys from ssh-agent
     default_keys: bool = False  # also try ~/.ssh/id_* (OpenSSH's defaults), for machines dcx did not make
+    booting: bool = True  # a machine dcx just made: its key may not be installed yet, so auth failures are retried
 
     @property
     def label(self) -> str:
@@ -300,6 +301,11 @@ def connect_with_retry(conn: Connection, timeout: float, interval: float = 0.5) 
             return
         except HostKeyMismatch:
             raise
+        except paramiko.AuthenticationException as exc:
+            if not conn.target.booting:
+                raise OperationFailed(f"cannot log in to {conn.target.name} as {conn.target.label}: {exc}",
+                                      hint="check the user and key (inventory, ~/.ssh/config, ssh-agent)") from None
+            last = exc
         except RETRYABLE as exc:
             last = exc
         if time.monotonic() + interval > deadline:

@@ -54,6 +54,7 @@ def join_command(advertise: str, manager_addr: str, data_path: str | None = None
 
 class GatherSwarmState(Phase):
     title = "Read swarm membership"
+    read_only = True
 
     def run(self, ctx: RunContext, host: Host) -> None:
         host.data["swarm"] = swarm_info(host)
@@ -209,6 +210,7 @@ class LabelNodes(Phase):
 
 class VerifySwarm(Phase):
     title = "Verify every node is Ready"
+    read_only = True
     timeout = 120.0
 
     def hosts(self, ctx: RunContext) -> list[Host]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dcx.cli.common import options, out
+from dcx.cli.common import ASK_BECOME, become_password, key_passphrase, options, out
 
 app = typer.Typer(help="Create, inspect and destroy clusters.", no_args_is_help=True)
 
@@ -20,6 +20,7 @@ def create(
     provision_only: bool = typer.Option(False, "--provision-only", help="Make and record the machines, then stop."),
     parallel: int = typer.Option(10, "--parallel", min=1, max=200, help="Hosts worked on at once."),
     ssh_timeout: float = typer.Option(300.0, "--ssh-timeout", help="Seconds to wait for a machine's SSH."),
+    ask_become_pass: bool = ASK_BECOME,
 ) -> None:
     """Create the cluster in FILE, or converge it to FILE (idempotent: re-run to resume)."""
     from dcx import engine, spec
@@ -27,7 +28,9 @@ def create(
     o = out(ctx)
     cluster_spec = spec.load(file)
     result = engine.apply(cluster_spec, options(ctx, parallel=parallel, ssh_timeout=ssh_timeout,
-                                                provision_only=provision_only))
+                                                provision_only=provision_only,
+                                                become_password=become_password(ask_become_pass),
+                                                key_passphrase=key_passphrase()))
     if o.json:
         o.data({"cluster": cluster_spec.name, "plan": result.plan.to_dict(),
                 "provisioned_only": result.provisioned_only,
@@ -109,6 +112,7 @@ def destroy(
     name: str = typer.Argument(None, help="Cluster name (or give -f FILE)."),
     file: Path = FILE,
     purge: bool = typer.Option(False, "--purge", help="ssh pools: also remove the container runtime."),
+    ask_become_pass: bool = ASK_BECOME,
 ) -> None:
     """Remove every machine and resource of the cluster (ssh pools: reset the machines)."""
     from dcx import engine, spec
@@ -120,7 +124,8 @@ def destroy(
     target = name or cluster_spec.name  # type: ignore[union-attr]
     if not o.confirm(f"destroy cluster {target} and everything dcx made for it?"):
         raise typer.Exit(1)
-    removed = engine.destroy(name, cluster_spec, options(ctx, purge=purge))
+    removed = engine.destroy(name, cluster_spec, options(ctx, purge=purge, become_password=become_password(
+        ask_become_pass), key_passphrase=key_passphrase()))
     if o.json:
         o.data({"cluster": target, "removed": removed})
     else:
