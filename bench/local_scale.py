@@ -13,10 +13,11 @@ from pathlib import Path
 
 
 def spec(name: str, workers: int, subnet: str) -> str:
+    local = f"provider: local, local: {{subnet: {subnet}}}"
     text = (f"apiVersion: dcx/v1\nkind: Cluster\nmetadata: {{name: {name}}}\nspec:\n  pools:\n"
-            f"    - {{name: control, role: control, count: 1, provider: local, local: {{subnet: {subnet}}}}}\n")
+            f"    - {{name: control, role: control, count: 1, {local}}}\n")
     if workers:
-        text += f"    - {{name: workers, role: worker, count: {workers}, provider: local, local: {{subnet: {subnet}}}}}\n"
+        text += f"    - {{name: workers, role: worker, count: {workers}, {local}}}\n"
     return text
 
 
