@@ -42,19 +42,31 @@ def ssh_config_text(cdir: ClusterDir, state: ClusterState, manager: str | None) 
         m = state.nodes.get(manager)
         if m:
             entries.insert(0, (context_name(state.name), m))
+    jump_blocks: dict[str, str] = {}
     for alias, n in entries:
-        key = n.get("ssh_key") or str(cdir.private_key)
-        blocks.append(
-            f"Host {alias}\n"
-            f"  HostName {n['ssh_address']}\n"
-            f"  User {n.get('ssh_user', 'root')}\n"
-            f"  Port {n.get('ssh_port', 22)}\n"
-            f"  IdentityFile {key}\n"
-            "  IdentitiesOnly yes\n"
-            f"  HostKeyAlias {n['name']}\n"
-            f"  UserKnownHostsFile {cdir.known_hosts}\n"
-            "  StrictHostKeyChecking yes\n"
-        )
+        endpoint = (n.get("extra") or {}).get("endpoint")
+        if endpoint:  # a machine dcx was given: its inventory's settings, keys and jump hosts
+            host, port, user = endpoint["host"], endpoint["port"], endpoint["user"]
+            keys = endpoint["key_files"]
+            jumps = ",".join(f"{j['user']}@{j['host']}:{j['port']}" for j in endpoint["jumps"])
+        else:
+            host, port, user = n["ssh_address"], n.get("ssh_port", 22), n.get("ssh_user", "root")
+            keys, jumps = [n.get("ssh_key") or str(cdir.private_key)], ""
+        lines = [f"Host {alias}", f"  HostName {host}", f"  User {user}", f"  Port {port}"]
+        lines += [f"  IdentityFile {k}" for k in keys]
+        if keys and not endpoint:
+            lines.append("  IdentitiesOnly yes")
+        if jumps:
+            lines.append(f"  ProxyJump {jumps}")
+        lines += [f"  HostKeyAlias {n['name']}", f"  UserKnownHostsFile {cdir.known_hosts}",
+                  "  StrictHostKeyChecking yes"]
+        blocks.append("\n".join(lines) + "\n")
+        for j in (endpoint or {}).get("jumps", []):
+            jump_blocks.setdefault(j["host"], "\n".join(
+                [f"Host {j['host']}", f"  Port {j['port']}"] + [f"  IdentityFile {k}" for k in j["key_files"] + keys]
+                + [f"  HostKeyAlias jump-{j['host']}-{j['port']}", f"  UserKnownHostsFile {cdir.known_hosts}",
+                   "  StrictHostKeyChecking yes"]) + "\n")
+    blocks += jump_blocks.values()
     return f"# dcx cluster {state.name} (written by dcx; rewritten on every run)\n" + "\n".join(blocks)
 
 

@@ -168,8 +168,10 @@ def target_for(node: Node, session: Session, options: Options) -> Target:
         ep = Endpoint.from_dict(node.extra["endpoint"])
         jump = None
         for hop in ep.jumps:  # outermost first: each hop is reached through the one before
+            # A hop also offers the destination's keys: bastions usually take the same operator key.
             jump = Target(name=f"jump-{hop.host}-{hop.port}", host=hop.host, port=hop.port, user=hop.user,
-                          key_files=hop.key_files, jump=jump, default_keys=True, booting=False)
+                          key_files=hop.key_files + [k for k in ep.key_files if k not in hop.key_files], jump=jump,
+                          default_keys=True, booting=False)
         return Target(name=node.name, host=ep.host, port=ep.port, user=ep.user or node.ssh_user,
                       key_files=ep.key_files, jump=jump, default_keys=True, become_password=become, booting=False)
     return Target(name=node.name, host=node.ssh_address, port=node.ssh_port, user=node.ssh_user,

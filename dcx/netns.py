@@ -28,6 +28,9 @@ from dcx.log import log
 
 NETNS_DIR = Path("/run/netns")
 SSHD = "/usr/sbin/sshd"
+# Copy-on-write views of this machine's directories: what a host writes there (configs, keys, tools
+# it installs) stays its own, like on a separate machine.
+OVERLAID = ("/etc", "/usr/local", "/var/lib", "/var/log", "/opt")
 
 
 def sh(*argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -204,7 +207,10 @@ def start_host(spec: HostSpec) -> int:
         "mount -t tmpfs -o mode=0755 tmpfs /run",
         "mkdir -p /run/sshd /run/dcx-host /run/netns /var/lib/docker /etc/docker",
         f"mount --bind {dirs['sshd']} /run/dcx-host",
-        f"mount --bind {dirs['docker']} /var/lib/docker",
+    ]
+    steps += _overlay_mounts(spec.home)
+    steps += [
+        f"mount --bind {dirs['docker']} /var/lib/docker",  # docker's overlay2 cannot sit on an overlay
         f"mount --bind {dirs['etc_docker']} /etc/docker",
         f"mount --bind {dirs['root']} /root",
     ]
@@ -224,6 +230,20 @@ def start_host(spec: HostSpec) -> int:
     (spec.home / "sshd.pid").write_text(str(proc.pid))
     wait_for_port(spec.netns, spec.ip, spec.ssh_port, proc)
     return proc.pid
+
+
+def _overlay_mounts(home: Path) -> list[str]:
+    steps = []
+    resolved = home.resolve()
+    for target in OVERLAID:
+        if not Path(target).is_dir() or resolved.is_relative_to(target):
+            continue  # the host's own files live there: an overlay would hide them (and overlap itself)
+        name = target.strip("/").replace("/", "-")
+        upper, work = home / "overlay" / name / "upper", home / "overlay" / name / "work"
+        upper.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        steps.append(f"mount -t overlay overlay -o lowerdir={target},upperdir={upper},workdir={work} {target}")
+    return steps
 
 
 def _add_link(ns: str, name: str, bridge: str, cidr: str) -> None:

@@ -88,8 +88,10 @@ class SshProvider(Provider):
             endpoint.port = spec_ssh.port
         settings = SshSettings.model_validate(pool.settings)
         return Node(
+            # The private address is the host's own (read from it at bootstrap) unless the inventory names it:
+            # the SSH address may be a NAT router's or a bastion's view.
             name=host["name"], pool=pool.name, provider=self.name, role=pool.role, ssh_address=endpoint.host,
-            private_address=endpoint.host, ssh_user=endpoint.user, ssh_port=endpoint.port,
+            private_address=host.get("private_address", ""), ssh_user=endpoint.user, ssh_port=endpoint.port,
             ssh_key=endpoint.key_files[0] if endpoint.key_files else "",
             labels=dict(host["labels"]), network=f"ssh:{settings.network or pool.name}",
             mesh_endpoint=host["mesh_endpoint"], extra={"endpoint": endpoint.to_dict()},
