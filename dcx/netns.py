@@ -228,7 +228,7 @@ def start_host(spec: HostSpec) -> int:
     finally:
         log_file.close()
     (spec.home / "sshd.pid").write_text(str(proc.pid))
-    wait_for_port(spec.netns, spec.ip, spec.ssh_port, proc)
+    wait_for_port(spec.netns, spec.ip, spec.ssh_port, proc, log_file=dirs["log"] / "start.log")
     return proc.pid
 
 
@@ -309,12 +309,14 @@ def sshd_pid(netns: str) -> int | None:
     return listeners[0] if listeners else None
 
 
-def wait_for_port(netns: str, ip: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
+def wait_for_port(netns: str, ip: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 30.0,
+                  log_file: Path | None = None) -> None:
     """Wait until the host's sshd accepts connections (tested from this machine over the bridge)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise OperationFailed(f"sshd for {netns} exited with {proc.returncode}")
+            tail = log_file.read_text(errors="replace").strip().splitlines()[-3:] if log_file else []
+            raise OperationFailed(f"sshd for {netns} exited with {proc.returncode}: {' | '.join(tail)}")
         with contextlib.suppress(OSError), socket.create_connection((ip, port), timeout=0.5):
             return
         time.sleep(0.05)

@@ -175,18 +175,20 @@ class LocalProvider(Provider):
         """Remove every namespace host, bridge, rule and directory this cluster has, by registry and
         by name: also what a crashed run left half-made."""
         removed = []
+        bridges: set[str] = set()
         prefix = f"dcx-{self.ctx.cluster_id}-"
         for info in self._registry_entries():
             if info.get("cluster_id") == self.ctx.cluster_id or (
                     not self.ctx.cluster_id and info.get("cluster") == self.ctx.cluster_name):
                 netns.stop_host(info["netns"], Path(info["home"]) if info.get("home") else None)
                 self._remove_registry(info["netns"])
+                bridges.add(info["bridge"])
                 removed.append(f"namespace host {info['netns']}")
         for ns in netns.list_netns():
             if self.ctx.cluster_id and ns.startswith(prefix):
                 netns.stop_host(ns, None)
                 removed.append(f"namespace {ns}")
-        bridges = {k.split("/", 2)[2] for k in self.ctx.recorded_keys("local/bridge/")}
+        bridges |= {k.split("/", 2)[2] for k in self.ctx.recorded_keys("local/bridge/")}
         if self.ctx.cluster_id:
             bridges |= {netns.bridge_name(f"{self.ctx.cluster_id}/{k}") for k in self._recorded_subnets()}
         for bridge in sorted(bridges):

@@ -192,10 +192,13 @@ def test_destroy_without_state_sweeps_by_name(dcx_cli: tuple[Dcx, list[str]], tm
     spec.write_text(cluster_yaml(name, "10.213.205.0/24", control=1, workers=1))
     cli.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
     cluster_id = cli.state(name)["id"]
-    assert len(registry_entries(name)) == 2
+    entries = registry_entries(name)
+    assert len(entries) == 2
+    bridges = {e["bridge"] for e in entries}
     import shutil
 
     shutil.rmtree(cli.home / "clusters" / name)  # the operator lost the state directory
     r = cli.run("cluster", "destroy", "-f", str(spec), "--yes")
     assert r.returncode == 0, r.stderr
     assert leftovers(cluster_id, name) == []
+    assert not [b for b in bridges if netns.link_exists(b)]
