@@ -165,17 +165,21 @@ def target_for(node: Node, session: Session, options: Options) -> Target:
     if node.extra.get("endpoint"):
         from dcx.sshconfig import Endpoint
 
-        ep = Endpoint.from_dict(node.extra["endpoint"])
-        jump = None
-        for hop in ep.jumps:  # outermost first: each hop is reached through the one before
-            # A hop also offers the destination's keys: bastions usually take the same operator key.
-            jump = Target(name=f"jump-{hop.host}-{hop.port}", host=hop.host, port=hop.port, user=hop.user,
-                          key_files=hop.key_files + [k for k in ep.key_files if k not in hop.key_files], jump=jump,
-                          default_keys=True, booting=False)
-        return Target(name=node.name, host=ep.host, port=ep.port, user=ep.user or node.ssh_user,
-                      key_files=ep.key_files, jump=jump, default_keys=True, become_password=become, booting=False)
+        return target_for_endpoint(node.name, Endpoint.from_dict(node.extra["endpoint"]), options.become_password)
     return Target(name=node.name, host=node.ssh_address, port=node.ssh_port, user=node.ssh_user,
                   key_files=[node.ssh_key or str(session.cdir.private_key)], become_password=become)
+
+
+def target_for_endpoint(name: str, ep: Any, become_password: str | None) -> Target:
+    """A machine dcx was given (inventory, ~/.ssh/config): its keys, the agent, OpenSSH's defaults, jumps."""
+    jump = None
+    for hop in ep.jumps:  # outermost first: each hop is reached through the one before
+        # A hop also offers the destination's keys: bastions usually take the same operator key.
+        jump = Target(name=f"jump-{hop.host}-{hop.port}", host=hop.host, port=hop.port, user=hop.user,
+                      key_files=hop.key_files + [k for k in ep.key_files if k not in hop.key_files], jump=jump,
+                      default_keys=True, booting=False)
+    return Target(name=name, host=ep.host, port=ep.port, user=ep.user, key_files=ep.key_files, jump=jump,
+                  default_keys=True, become_password=become_password if ep.user != "root" else None, booting=False)
 
 
 class Connect(Phase):
@@ -208,7 +212,9 @@ def _host_keys_changed(session: Session) -> None:
 
 
 def base_phases(options: Options) -> list[Phase]:
-    return [Connect(options.ssh_timeout), GatherFacts(), InstallRuntime(), StartRuntime()]
+    from dcx.bootstrap.preflight import Preflight
+
+    return [Connect(options.ssh_timeout), GatherFacts(), Preflight(), InstallRuntime(), StartRuntime()]
 
 
 # --- commands ---------------------------------------------------------------------------------------
@@ -300,7 +306,20 @@ def provision(session: Session, spec: ClusterSpec, plan: Plan) -> list[Node]:
         session.state.nodes.setdefault(n.name, n.to_dict())
     session.save()
     wanted = {r.name for r in plan.create} | {n.name for n in plan.keep}
-    return [nodes[name] for name in sorted(nodes) if name in wanted]
+    current = [nodes[name] for name in sorted(nodes) if name in wanted]
+    open_mesh_between_providers(session, spec, current)
+    return current
+
+
+def open_mesh_between_providers(session: Session, spec: ClusterSpec, nodes: list[Node]) -> None:
+    """A cluster spanning providers meets over the mesh: each provider's firewall lets in the mesh
+    port from the other providers' nodes (their public addresses), and from no one else."""
+    groups = pools_by_provider(spec)
+    if len(groups) < 2 or spec.spec.network.mesh == "none":
+        return
+    for name, pools in groups.items():
+        peers = sorted({n.public_address or n.ssh_address for n in nodes if n.provider != name})
+        session.provider(name, spec).allow_mesh_peers(pools, peers, spec.spec.network.meshPort)
 
 
 def remove_nodes(session: Session, spec: ClusterSpec, ctx: RunContext, leaving: list[Node], options: Options) -> None:
@@ -360,9 +379,11 @@ def cluster_health(session: Session, spec: ClusterSpec | None, nodes: list[Node]
 
 
 def _spec_stub(state: ClusterState) -> Any:
-    spec = state.spec
-    if spec:
-        return ClusterSpec.model_validate(spec)
+    if state.spec:
+        spec = ClusterSpec.model_validate(state.spec)
+        # Paths in the spec (inventories, keys) stay relative to the file it was applied from.
+        spec._file = state.spec_file
+        return spec
     raise OperationFailed(f"cluster {state.name} has no recorded spec")
 
 

@@ -216,6 +216,8 @@ def start_host(spec: HostSpec) -> int:
     ]
     if spec.users:
         steps += _user_mounts(spec, dirs)
+    if any(s.endswith(" /etc") for s in steps):  # a private /etc: name the host there, as cloud-init does
+        steps.append(f"{{ grep -q ' {spec.hostname}$' /etc/hosts || echo '127.0.1.1 {spec.hostname}' >> /etc/hosts; }}")
     steps += [f"hostname {spec.hostname}",
               f"exec {SSHD} -D -f /run/dcx-host/sshd_config -E /run/dcx-host/sshd.log"]
     setup = " && ".join(steps)

@@ -41,6 +41,8 @@ echo "wggo_bin=$(command -v wireguard-go 2>/dev/null)"
 if [ -d /sys/module/wireguard ] || modprobe -n wireguard >/dev/null 2>&1
 then echo wg_kernel=1; else echo wg_kernel=0; fi
 echo "sudo_ok=1"
+echo "listening=$(ss -Hlntup 2>/dev/null | awk '{split($5, a, ":"); p=a[length(a)]; \
+  match($0, /users:\(\("[^"]*"/); u=substr($0, RSTART+9, RLENGTH-10); print $1 "/" p "/" u}' | tr '\n' ' ')"
 """
 
 
@@ -66,6 +68,16 @@ class Facts:
     wg_bin: str = ""
     wggo_bin: str = ""
     wg_kernel: bool = False
+    listening: str = ""  # "tcp/2377/dockerd udp/4789/ ..." (proto/port/process)
+
+    def listeners(self) -> dict[tuple[str, int], str]:
+        out = {}
+        for item in self.listening.split():
+            proto, _, rest = item.partition("/")
+            port, _, proc = rest.partition("/")
+            if port.isdigit():
+                out[(proto, int(port))] = proc
+        return out
 
     @property
     def family(self) -> str:
@@ -115,8 +127,17 @@ def parse_facts(text: str) -> Facts:
 
 
 def gather_facts(host: Host) -> Facts:
+    """Facts, and the host's clock offset from this machine's (remote time minus the midpoint of the call)."""
     result = host.run(FACTS_SCRIPT, timeout=60, check=True, what="gathering facts")
-    return parse_facts(result.stdout)
+    facts = parse_facts(result.stdout)
+    # The clock on its own, without sudo (which may wait on name resolution) between the two readings.
+    started = time.time()
+    remote = host.run("date +%s.%N", sudo=False, timeout=30).stdout.strip()
+    try:
+        host.data["clock_offset"] = float(remote) - (started + time.time()) / 2
+    except ValueError:
+        host.data["clock_offset"] = 0.0
+    return facts
 
 
 class GatherFacts(Phase):

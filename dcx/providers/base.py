@@ -125,3 +125,8 @@ class Provider(ABC):
     def repair_nodes(self, pools: list[Any], nodes: list[Node]) -> list[Node]:
         """Bring existing machines back to a reachable state (restart what stopped). Default: as they are."""
         return nodes
+
+    def allow_mesh_peers(self, pools: list[Any], peers: list[str], port: int) -> None:  # noqa: B027
+        """Open the mesh UDP `port` to exactly these public addresses (the cluster's nodes elsewhere),
+        and to no others; called after provisioning whenever the cluster spans providers. Idempotent:
+        addresses no longer listed lose their rule. Default: nothing to open (no provider firewall)."""

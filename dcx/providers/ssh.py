@@ -54,7 +54,7 @@ class SshProvider(Provider):
         if settings.hosts:
             return [{"name": h.name, "address": h.address or h.name, "port": h.port, "user": h.user,
                      "key": h.privateKey, "proxy_jump": h.proxyJump, "mesh_endpoint": h.meshEndpoint,
-                     "labels": h.labels} for h in settings.hosts]
+                     "private_address": "", "labels": h.labels} for h in settings.hosts]
         from dcx.inventory import load_inventory
 
         base = self.ctx.spec.base_dir if self.ctx.spec is not None else Path.cwd()
@@ -62,7 +62,7 @@ class SshProvider(Provider):
         hosts = load_inventory(path if path.is_absolute() else base / path, settings.group)
         return [{"name": h.name, "address": h.address, "port": h.port if h.port != 22 else None, "user": h.user,
                  "key": h.private_key_file, "proxy_jump": h.proxy_jump, "mesh_endpoint": h.mesh_endpoint,
-                 "labels": {}} for h in hosts]
+                 "private_address": h.private_address, "labels": h.labels} for h in hosts]
 
     def node_requests(self, pool: Any) -> list[NodeRequest]:
         hosts = self._hosts(pool)

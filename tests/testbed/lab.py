@@ -24,6 +24,7 @@ class Lab:
         self.dir = Path(tempfile.mkdtemp(prefix=f"dcx-lab-{tag}-"))
         self.bridges: dict[str, tuple[str, ipaddress.IPv4Network]] = {}  # logical name -> (bridge, net)
         self.hosts: dict[str, str] = {}  # logical name -> netns
+        self.specs: dict[str, netns.HostSpec] = {}
         self.key, self.public_key = self._operator_key()
 
     def _operator_key(self) -> tuple[Path, str]:
@@ -51,9 +52,10 @@ class Lab:
         bridge, cidr = self._cidr(network, ip)
         links = [self._cidr(net, addr) for net, addr in (extra or [])]
         self.hosts[name] = ns
-        netns.start_host(netns.HostSpec(netns=ns, hostname=name, address=cidr, bridge=bridge, home=self.dir / ns,
-                                        authorized_key=self.public_key, gateway=gateway, users=users or [],
-                                        extra_links=links))
+        self.specs[name] = netns.HostSpec(netns=ns, hostname=name, address=cidr, bridge=bridge, home=self.dir / ns,
+                                          authorized_key=self.public_key, gateway=gateway, users=users or [],
+                                          extra_links=links)
+        netns.start_host(self.specs[name])
         if forward:
             self.exec(name, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         return ns
@@ -76,8 +78,23 @@ class Lab:
             self.exec(name, "iptables", "-t", "nat", "-A", "PREROUTING", "-i", out_if, "-p", proto, "--dport",
                       str(port), "-j", "DNAT", "--to-destination", f"{ip}:{to_port}")
 
+    def inside(self, host: str, command: str) -> subprocess.CompletedProcess[str]:
+        """Run a shell command in the host's own world (its mount and network namespaces), not over SSH."""
+        pid = self.sshd_pid(host)
+        assert pid, f"{host} has no sshd"
+        return subprocess.run(["nsenter", "-t", str(pid), "-m", "-n", "-u", "sh", "-c", command],
+                              capture_output=True, text=True, timeout=60)
+
     def sshd_pid(self, host: str) -> int | None:
         return netns.sshd_pid(self.hosts[host])
+
+    def rekey(self, host: str) -> None:
+        """The machine is reinstalled at the same address and rebooted: every process ends, and it comes
+        back with a new host key (its disk, and so docker's state, is kept)."""
+        netns.kill_host_processes(self.hosts[host])
+        for key in (self.specs[host].home / "sshd").glob("ssh_host_*"):
+            key.unlink()
+        netns.start_host(self.specs[host])
 
     def close(self) -> None:
         for ns in self.hosts.values():

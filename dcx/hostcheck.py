@@ -1,0 +1,83 @@
+"""`dcx inventory show|check`: an inventory's hosts resolved (no connection), and checked (connect to
+every host in parallel: reachable, OS, arch, CPUs, memory, init system, docker, clock offset, sudo).
+
+Host keys seen by `check` are trusted on first use and kept in DCX_HOME/inventory-host-keys.json,
+keyed by address and port, so a changed key is refused here too."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from dcx.bootstrap.phases import Host
+from dcx.bootstrap.runtime import gather_facts
+from dcx.bootstrap.ssh import HostKeyStore, Sessions, Target, connect_with_retry, fan_out
+from dcx.inventory import load_inventory
+from dcx.providers.base import Node
+from dcx.sshconfig import Endpoint, resolve
+from dcx.state import atomic_write, dcx_home, ensure_private_dir
+
+
+def resolved_hosts(path: str | Path, group: str | None, default_user: str = "root") -> list[tuple[str, Endpoint]]:
+    out = []
+    for h in load_inventory(path, group):
+        ep = resolve(h.name, host=h.address, port=h.port if h.port != 22 else None, user=h.user,
+                     key_file=h.private_key_file, proxy_jump=h.proxy_jump, default_user=default_user)
+        out.append((h.name, ep))
+    return out
+
+
+def show(path: str | Path, group: str | None) -> list[dict[str, Any]]:
+    return [{"name": name, "address": ep.host, "port": ep.port, "user": ep.user, "keys": ep.key_files,
+             "jumps": [f"{j.user}@{j.host}:{j.port}" for j in ep.jumps]} for name, ep in resolved_hosts(path, group)]
+
+
+class _KeyFile:
+    def __init__(self) -> None:
+        self.path = dcx_home() / "inventory-host-keys.json"
+        self.keys: dict[str, dict[str, str]] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self._lock = threading.Lock()
+
+    def save(self) -> None:
+        with self._lock:
+            ensure_private_dir(self.path.parent)
+            atomic_write(self.path, json.dumps(self.keys, indent=2))
+
+
+def check(path: str | Path, group: str | None, parallel: int = 20, timeout: float = 15.0,
+          become_password: str | None = None, key_passphrase: str | None = None) -> list[dict[str, Any]]:
+    from dcx.engine import target_for_endpoint
+
+    store = _KeyFile()
+    sessions = Sessions(HostKeyStore(store.keys, store.save), key_passphrase)
+
+    def one(item: tuple[str, Endpoint]) -> dict[str, Any]:
+        name, ep = item
+        target: Target = target_for_endpoint(f"{ep.host}:{ep.port}", ep, become_password)
+        row: dict[str, Any] = {"name": name, "address": f"{ep.host}:{ep.port}", "reachable": False}
+        host = Host(node=Node(name=name, pool="", provider="ssh", role="", ssh_address=ep.host), target=target,
+                    conn=sessions.get(target))
+        try:
+            connect_with_retry(host.conn, timeout)
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            row["error"] = getattr(exc, "message", str(exc))
+            return row
+        row["reachable"] = True
+        row["sudo"] = host.conn.is_root or host.run("true", timeout=30).ok
+        try:
+            f = gather_facts(host)
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            row["error"] = getattr(exc, "message", str(exc))
+            return row
+        row.update({"os": f"{f.os_id} {f.os_version}".strip(), "arch": f.arch, "cpus": f.cpus,
+                    "memory_mib": f.mem_kb // 1024, "init": f.init, "docker": bool(f.docker_bin),
+                    "docker_running": f.docker_running, "clock_offset_s": round(host.data.get("clock_offset", 0.0), 2)})
+        return row
+
+    try:
+        results = fan_out(one, resolved_hosts(path, group), parallel)
+    finally:
+        sessions.close()
+    return [r for _, r, _ in results if r is not None]
