@@ -378,6 +378,23 @@ def cluster_health(session: Session, spec: ClusterSpec | None, nodes: list[Node]
         ctx.sessions.close()
 
 
+def mesh_status(session: Session, spec: ClusterSpec, nodes: list[Node]) -> dict[str, dict[str, Any]]:
+    """Mesh health per node, when the cluster has a mesh (its addresses are recorded in state)."""
+    from dcx.bootstrap.mesh import mesh_health
+
+    assert session.state is not None
+    prefix = "mesh/address/"
+    addresses = {k[len(prefix):]: v for k, v in session.state.resources.items()
+                 if k.startswith(prefix) and k[len(prefix):] in {n.name for n in nodes}}
+    if not addresses:
+        return {}
+    ctx = build_context(session, spec, nodes, Options(ssh_timeout=10))
+    try:
+        return mesh_health(ctx, addresses)
+    finally:
+        ctx.sessions.close()
+
+
 def _spec_stub(state: ClusterState) -> Any:
     if state.spec:
         spec = ClusterSpec.model_validate(state.spec)
@@ -395,18 +412,24 @@ def status(name: str, store: StateStore | None = None) -> dict[str, Any]:
     nodes = [Node.from_dict(d) for d in state.nodes.values()]
     spec = _spec_stub(state) if state.spec else None
     health = cluster_health(session, spec, nodes, Options(ssh_timeout=10)) if nodes else {}
+    mesh = mesh_status(session, spec, nodes) if nodes and spec else {}
     rows = []
     for n in sorted(nodes, key=lambda n: (n.role != "control", n.name)):
         h = health.get(n.name)
-        rows.append({
+        row = {
             "name": n.name, "pool": n.pool, "role": n.role, "provider": n.provider, "address": n.ssh_address,
             "private_address": n.private_address, "ready": bool(h and h.ready),
             "state": h.state if h else "unknown", "detail": h.detail if h else "",
             "leader": bool(h and h.extra.get("leader")),
-        })
+        }
+        if mesh:
+            row["mesh"] = mesh.get(n.name, {})
+        rows.append(row)
+    mesh_ok = all(r["mesh"].get("peers_up") == r["mesh"].get("peers_expected") for r in rows if "mesh" in r)
     return {
         "name": state.name, "id": state.id, "engine": state.engine, "status": state.status,
-        "healthy": bool(rows) and all(r["ready"] for r in rows) and state.status == "ready",
+        "healthy": bool(rows) and all(r["ready"] for r in rows) and mesh_ok and state.status == "ready",
+        "mesh": bool(mesh),
         "nodes": rows, "context": access.context_name(state.name) if state.engine == "swarm" else "",
         "updated_at": state.updated_at,
     }

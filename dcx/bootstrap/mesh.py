@@ -222,3 +222,29 @@ class MeshReset(Phase):
 
 def mesh_reset_phases(ctx: RunContext) -> list[Phase]:
     return [MeshReset()]
+
+
+def mesh_health(ctx: RunContext, addresses: dict[str, str], timeout: float = 10.0) -> dict[str, dict[str, Any]]:
+    """For `dcx cluster status`: per node, how many of its expected peers had a recent handshake.
+
+    A quick ping to every peer first, so an idle but healthy tunnel handshakes now rather than being
+    reported stale. Peers are counted by what the node's interface holds; expected is every other
+    node with a mesh address."""
+    from dcx.bootstrap.ssh import connect_with_retry, fan_out
+
+    def one(host: Host) -> dict[str, Any]:
+        row: dict[str, Any] = {"address": addresses.get(host.name, ""), "peers_expected": 0, "peers_up": 0}
+        if not row["address"]:
+            return row
+        peers = [a for n, a in addresses.items() if n != host.name]
+        row["peers_expected"] = len(peers)
+        try:
+            connect_with_retry(host.conn, timeout)
+            pings = " ".join(f"ping -c1 -W1 {q(a)} >/dev/null 2>&1 &" for a in peers)
+            host.run(f"{pings} wait", timeout=30)
+            row["peers_up"] = len(handshakes(host))
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            row["error"] = getattr(exc, "message", str(exc))
+        return row
+
+    return {h.name: row or {"error": str(err)} for h, row, err in fan_out(one, ctx.hosts, ctx.parallel)}

@@ -83,12 +83,20 @@ def status(ctx: typer.Context, name: str = typer.Argument(..., help="Cluster nam
     else:
         o.info(f"cluster {st['name']} ({st['engine']}, id {st['id']}): "
                + ("healthy" if st["healthy"] else f"NOT healthy ({st['status']})"))
-        o.table(None, ["node", "pool", "role", "provider", "address", "ready", "state"],
+        columns = ["node", "pool", "role", "provider", "address", "ready", "state"] + (["mesh"] if st["mesh"] else [])
+        o.table(None, columns,
                 [[n["name"], n["pool"], n["role"] + (" (leader)" if n["leader"] else ""), n["provider"],
                   n["address"], "yes" if n["ready"] else "no", n["state"] + (f": {n['detail']}" if n["detail"] else "")]
-                 for n in st["nodes"]])
+                 + ([mesh_cell(n["mesh"])] if st["mesh"] else []) for n in st["nodes"]])
     if not st["healthy"]:
         raise typer.Exit(1)
+
+
+def mesh_cell(mesh: dict) -> str:
+    """`2/2 peers` (handshakes recent out of expected), or why it could not be read."""
+    if mesh.get("error"):
+        return f"unknown: {mesh['error']}"
+    return f"{mesh.get('address', '')} {mesh.get('peers_up', 0)}/{mesh.get('peers_expected', 0)} peers"
 
 
 @app.command("list")

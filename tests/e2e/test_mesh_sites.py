@@ -9,6 +9,7 @@ a NAT router, joined into one swarm over dcx's WireGuard mesh.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +93,9 @@ def test_sites_behind_nat_form_one_swarm_over_the_mesh(sites: Lab, tmp_path: Pat
         status = cli.json("cluster", "status", name)
         assert status["healthy"] is True, status
         assert sorted(n["name"] for n in status["nodes"]) == ["a1", "a2", "b1", "b2"]
+        assert status["mesh"] is True
+        assert {n["name"]: (n["mesh"]["peers_up"], n["mesh"]["peers_expected"]) for n in status["nodes"]} == {
+            "a1": (3, 3), "a2": (3, 3), "b1": (3, 3), "b2": (3, 3)}
 
         # Swarm carries its traffic on the mesh addresses.
         addrs = on(cli, name, "a1", "docker node inspect self --format '{{.Status.Addr}}'").stdout.strip()
@@ -139,6 +143,16 @@ def test_sites_behind_nat_form_one_swarm_over_the_mesh(sites: Lab, tmp_path: Pat
             peers = on(cli, name, node, "wg show dcx0 peers").stdout.split()
             assert len(peers) == 2, (node, peers)
         assert on(cli, name, "a1", "cat /sys/class/net/dcx0/ifindex").stdout == before
+        assert cli.json("cluster", "status", name)["healthy"] is True
+
+        # b1's tunnel goes down: status says so (and exits 1); a re-run brings it back.
+        on(cli, name, "b1", "wg-quick down dcx0").check_returncode()
+        down = cli.run("cluster", "status", name)
+        assert down.returncode == 1
+        assert re.search(r"^b1 .* 0/2 peers$", down.stdout, re.M), down.stdout
+        r = cli.run("cluster", "create", "-f", str(spec), timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "==> Configure the WireGuard mesh (3 hosts)\n    1 changed, 2 unchanged" in r.stdout
         assert cli.json("cluster", "status", name)["healthy"] is True
     finally:
         cli.run("cluster", "destroy", name, "--yes", timeout=300)
