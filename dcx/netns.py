@@ -306,9 +306,21 @@ def sshd_pid(netns: str) -> int | None:
                 sshds.add(pid)
         except OSError:
             continue
+    # OpenSSH names its listener in its rewritten argv; a closing connection's child can briefly look
+    # parentless (reparented to init), so the parent test is only the fallback.
+    named = sorted(p for p in sshds if b"[listener]" in _cmdline(p))
+    if named:
+        return named[0]
     parents = _parents()
     listeners = sorted(p for p in sshds if parents.get(p) not in sshds)
     return listeners[0] if listeners else None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def wait_for_port(netns: str, ip: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 30.0,

@@ -23,7 +23,9 @@ echo "arch=$(uname -m)"
 echo "kernel=$(uname -r)"
 echo "hostname=$(hostname)"
 echo "primary_ip=$(ip -4 route get 1.0.0.0 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p')"
-echo "addresses=$(ip -4 -o addr show scope global 2>/dev/null | awk '{print $4}' | cut -d/ -f1 | tr '\n' ' ')"
+virtual='^(docker|br-|veth|dcx0|cni|flannel|kube)'  # container bridges and the mesh: not the host's own
+echo "addresses=$(ip -4 -o addr show scope global 2>/dev/null | awk -v v="$virtual" '$2 !~ v {print $4}' \
+  | cut -d/ -f1 | tr '\n' ' ')"
 echo "uid=$(id -u)"
 echo "cpus=$(nproc 2>/dev/null || echo 0)"
 echo "mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null)"
@@ -55,7 +57,7 @@ class Facts:
     kernel: str = ""
     hostname: str = ""
     primary_ip: str = ""  # the source address of the default route ("" without one)
-    addresses: str = ""  # every global IPv4 address, space separated
+    addresses: str = ""  # the host's own global IPv4 addresses (not container bridges or the mesh), space separated
     uid: int = -1
     cpus: int = 0
     mem_kb: int = 0

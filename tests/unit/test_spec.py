@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from dcx import spec
 from dcx.errors import SpecError
+from dcx.inventory import load_inventory
 from dcx.plan import validate_provider_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,10 +52,20 @@ def test_the_documented_shape_loads(tmp_path: Path) -> None:
     validate_provider_settings(s)
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "local-ha.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
 def test_examples_load(name: str) -> None:
     s = spec.load(ROOT / "examples" / name)
     validate_provider_settings(s)
+    for pool in s.spec.pools:
+        if pool.provider == "ssh" and pool.settings.get("inventory"):
+            hosts = load_inventory(s.base_dir / pool.settings["inventory"], pool.settings.get("group"))
+            assert hosts, f"{name}: pool {pool.name} has no hosts in its inventory group"
+
+
+def test_published_schema_is_current() -> None:
+    """examples/ point yaml-language-server at schema/cluster.schema.json: it must match the code."""
+    published = json.loads((ROOT / "schema" / "cluster.schema.json").read_text())
+    assert published == spec.json_schema(), "regenerate it: dcx schema > schema/cluster.schema.json"
 
 
 def replace(old: str, new: str) -> str:
