@@ -65,9 +65,11 @@ def resolve(alias: str, *, host: str = "", port: int | None = None, user: str = 
     if _depth > 8:
         raise ValueError(f"ProxyJump chain through {alias} is too deep (a loop?)")
     config = config if config is not None else load_user_config()
-    found = config.lookup(host or alias)
-    # Like Ansible, the address (ansible_host) is what ssh looks up in its config; it wins over HostName.
-    hostname = host or found.get("hostname", alias)
+    # As `ssh ADDRESS` does (Ansible calls ssh with ansible_host, else the inventory name): the address
+    # is looked up in the config, and a matching block's HostName replaces it.
+    lookup = host or alias
+    found = config.lookup(lookup)
+    hostname = found.get("hostname", lookup)
     keys = [os.path.expanduser(k) for k in ([key_file] if key_file else found.get("identityfile", []))]
     jump_spec = proxy_jump or found.get("proxyjump", "")
     jumps: list[Endpoint] = []

@@ -301,6 +301,10 @@ def connect_with_retry(conn: Connection, timeout: float, interval: float = 0.5) 
             return
         except HostKeyMismatch:
             raise
+        except paramiko.PasswordRequiredException:
+            raise OperationFailed(f"cannot log in to {conn.target.name} as {conn.target.label}: its key file is "
+                                  "encrypted", hint="set DCX_SSH_KEY_PASSPHRASE, or load the key into ssh-agent"
+                                  ) from None
         except paramiko.AuthenticationException as exc:
             if not conn.target.booting:
                 raise OperationFailed(f"cannot log in to {conn.target.name} as {conn.target.label}: {exc}",

@@ -137,3 +137,80 @@ def test_ansible_inventory_to_swarm_and_back(rack: Lab, tmp_path: Path) -> None:
     # The rebuilt machine's new key was accepted for the cluster, not for `inventory check`'s own record.
     assert "changed" in rows.pop("10.214.20.21")["error"]
     assert all(r["reachable"] for r in rows.values()), again.stdout
+
+
+@pytest.fixture
+def behind_bastion(tmp_path: Path) -> Iterator[tuple[Lab, dict[str, Path]]]:
+    """A bastion on the operator's network and one host behind it that accepts only two keys: one
+    encrypted with a passphrase, one that will live only in an ssh-agent."""
+    if WHY_NOT:
+        pytest.skip(f"namespace nodes unavailable: {WHY_NOT}")
+    keys = {}
+    for name, passphrase in (("encrypted", KEY_PASSPHRASE), ("agent", "")):
+        keys[name] = tmp_path / f"id_{name}"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-C", name, "-f", str(keys[name])],
+                       check=True)
+    lab = Lab("oc")
+    try:
+        lab.network("lan", "10.214.30.0/24", operator_ip="10.214.30.1")
+        lab.network("dark", "10.214.31.0/24")
+        lab.host("bastion", "lan", "10.214.30.10", extra=[("dark", "10.214.31.1")], forward=True)
+        lab.host("deep", "dark", "10.214.31.21", gateway="10.214.31.1",
+                 keys=[(keys[k].with_suffix(".pub")).read_text().strip() for k in keys])
+        yield lab, keys
+    finally:
+        lab.close()
+
+
+KEY_PASSPHRASE = "tr0ub4dor&3 with spaces"
+
+
+def test_openssh_config_agent_and_encrypted_keys(behind_bastion: tuple[Lab, dict[str, Path]], tmp_path: Path) -> None:
+    """Hosts named only by ~/.ssh/config aliases (HostName, User, IdentityFile, a ProxyJump through a
+    bastion matched by a Host pattern), one logging in with an encrypted key, one through ssh-agent."""
+    lab, keys = behind_bastion
+    config = tmp_path / "ssh_config"
+    config.write_text(f"""\
+Host bastion
+  HostName 10.214.30.10
+  User root
+  IdentityFile {lab.key}
+Host deep-*
+  User root
+  ProxyJump bastion
+Host deep-enc
+  HostName 10.214.31.21
+  IdentityFile {keys["encrypted"]}
+Host deep-agent
+  HostName 10.214.31.21
+""")
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text("[rack]\ndeep-enc\ndeep-agent\n")
+    cli = Dcx(tmp_path / "home")
+    cli.env.update(DCX_NO_SSH_CONFIG="1", DCX_SSH_CONFIG=str(config), HOME=str(tmp_path))  # no default keys
+    cli.env.pop("SSH_AUTH_SOCK", None)
+    cli.env.pop("DCX_SSH_KEY_PASSPHRASE", None)
+
+    shown = {r["name"]: r for r in cli.json("inventory", "show", str(inventory))}
+    assert shown["deep-enc"]["address"] == "10.214.31.21" and shown["deep-enc"]["user"] == "root"
+    assert shown["deep-enc"]["jumps"] == ["root@10.214.30.10:22"]
+
+    # Without the passphrase or the agent, neither logs in, and each says why.
+    rows = {r["name"]: r for r in cli.json("inventory", "check", str(inventory))}
+    assert "encrypted" in rows["deep-enc"]["error"], rows
+    assert not rows["deep-agent"]["reachable"], rows
+
+    agent = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
+    env = dict(line.split(";")[0].split("=", 1) for line in agent.splitlines() if line.startswith("SSH_"))
+    try:
+        subprocess.run(["ssh-add", "-q", str(keys["agent"])], env={**cli.env, **env}, check=True,
+                       capture_output=True)
+        keys["agent"].unlink()  # from now on only the agent holds it
+        cli.env.update(env, DCX_SSH_KEY_PASSPHRASE=KEY_PASSPHRASE)
+        check = cli.run("inventory", "check", str(inventory), "-o", "json")
+        assert check.returncode == 0, check.stdout + check.stderr
+        rows = {r["name"]: r for r in json.loads(check.stdout)}
+        assert rows["deep-enc"]["reachable"] and rows["deep-agent"]["reachable"], rows
+        assert KEY_PASSPHRASE not in check.stdout + check.stderr
+    finally:
+        subprocess.run(["kill", env["SSH_AGENT_PID"]], capture_output=True)
