@@ -107,6 +107,10 @@ class Session:
             self._providers[name] = provider
         return self._providers[name]
 
+    def loaded_provider(self, name: str) -> Provider | None:
+        """The provider if this run has used it already (status and node commands load none)."""
+        return self._providers.get(name)
+
     def named_requests(self, spec: ClusterSpec) -> dict[str, list[NodeRequest]]:
         """Pools whose provider names the nodes itself (inventories)."""
         out = {}
@@ -161,11 +165,14 @@ def open_session(store: StateStore, name: str, command: str, reporter: Reporter)
 def target_for(node: Node, session: Session, options: Options) -> Target:
     """How to reach a node. Machines dcx made take the cluster key; machines it was given (ssh pools)
     take their inventory's or ~/.ssh/config's keys, the agent and OpenSSH's default identities."""
-    become = options.become_password if node.ssh_user != "root" else None
+    # A password the inventory gives for this host wins over -K's, as a host variable does in Ansible.
+    provider = session.loaded_provider(node.provider)
+    password = (provider.become_password(node) if provider else None) or options.become_password
+    become = password if node.ssh_user != "root" else None
     if node.extra.get("endpoint"):
         from dcx.sshconfig import Endpoint
 
-        return target_for_endpoint(node.name, Endpoint.from_dict(node.extra["endpoint"]), options.become_password)
+        return target_for_endpoint(node.name, Endpoint.from_dict(node.extra["endpoint"]), password)
     return Target(name=node.name, host=node.ssh_address, port=node.ssh_port, user=node.ssh_user,
                   key_files=[node.ssh_key or str(session.cdir.private_key)], become_password=become)
 

@@ -15,23 +15,28 @@ from dcx.bootstrap.phases import Host
 from dcx.bootstrap.runtime import gather_facts
 from dcx.bootstrap.ssh import HostKeyStore, Sessions, Target, connect_with_retry, fan_out
 from dcx.inventory import load_inventory
+from dcx.log import register_secret
 from dcx.providers.base import Node
 from dcx.sshconfig import Endpoint, resolve
 from dcx.state import atomic_write, dcx_home, ensure_private_dir
 
 
-def resolved_hosts(path: str | Path, group: str | None, default_user: str = "root") -> list[tuple[str, Endpoint]]:
+def resolved_hosts(path: str | Path, group: str | None, default_user: str = "root",
+                   ) -> list[tuple[str, Endpoint, str | None]]:
+    """(name, how to reach it, the inventory's sudo password if it gives one) per host."""
     out = []
     for h in load_inventory(path, group):
         ep = resolve(h.name, host=h.address, port=h.port if h.port != 22 else None, user=h.user,
                      key_file=h.private_key_file, proxy_jump=h.proxy_jump, default_user=default_user)
-        out.append((h.name, ep))
+        if h.become_password is not None:
+            register_secret(h.become_password)
+        out.append((h.name, ep, h.become_password))
     return out
 
 
 def show(path: str | Path, group: str | None) -> list[dict[str, Any]]:
     return [{"name": name, "address": ep.host, "port": ep.port, "user": ep.user, "keys": ep.key_files,
-             "jumps": [f"{j.user}@{j.host}:{j.port}" for j in ep.jumps]} for name, ep in resolved_hosts(path, group)]
+             "jumps": [f"{j.user}@{j.host}:{j.port}" for j in ep.jumps]} for name, ep, _ in resolved_hosts(path, group)]
 
 
 class _KeyFile:
@@ -53,9 +58,9 @@ def check(path: str | Path, group: str | None, parallel: int = 20, timeout: floa
     store = _KeyFile()
     sessions = Sessions(HostKeyStore(store.keys, store.save), key_passphrase)
 
-    def one(item: tuple[str, Endpoint]) -> dict[str, Any]:
-        name, ep = item
-        target: Target = target_for_endpoint(f"{ep.host}:{ep.port}", ep, become_password)
+    def one(item: tuple[str, Endpoint, str | None]) -> dict[str, Any]:
+        name, ep, inventory_password = item
+        target: Target = target_for_endpoint(f"{ep.host}:{ep.port}", ep, inventory_password or become_password)
         row: dict[str, Any] = {"name": name, "address": f"{ep.host}:{ep.port}", "reachable": False}
         host = Host(node=Node(name=name, pool="", provider="ssh", role="", ssh_address=ep.host), target=target,
                     conn=sessions.get(target))

@@ -246,6 +246,11 @@ def _make_host(name: str, values: dict[str, Any], groups: list[str], file: str, 
         raise SpecError(file, line, f"host {host_name}: ansible_become", str(exc)) from None
     common = " ".join(filter(None, [text("ansible_ssh_common_args"), text("ansible_ssh_extra_args")]))
     password = next((str(values[k]) for k in ("ansible_become_password", "ansible_become_pass") if k in values), None)
+    if password is not None and (password.lstrip().startswith("$ANSIBLE_VAULT") or "{{" in password):
+        # Vault ciphertext or a Jinja expression: sending either to sudo would only fail later, obscurely.
+        raise SpecError(file, line, f"host {host_name}: ansible_become_password",
+                        "is vault-encrypted or templated, which dcx cannot read",
+                        hint="leave it out and pass -K/--ask-become-pass (or DCX_BECOME_PASSWORD)")
     labels = values.get("dcx_labels") if isinstance(values.get("dcx_labels"), dict) else {}
     return InventoryHost(
         name=host_name, address=text("ansible_host", "ansible_ssh_host") or host_name, port=port,

@@ -67,7 +67,12 @@ class CommandFailed(OperationFailed):
         self.host = host
         self.result = result
         tail = redact(result.tail())
-        super().__init__(f"{what} failed on {host} (exit {result.exit_code})" + (f": {tail}" if tail else ""))
+        hint = None
+        if "a password is required" in result.stderr:
+            hint = (f"sudo on {host} needs a password: pass -K/--ask-become-pass, or set ansible_become_password "
+                    "in the inventory")
+        super().__init__(f"{what} failed on {host} (exit {result.exit_code})" + (f": {tail}" if tail else ""),
+                         hint=hint)
 
 
 class HostKeyStore:

@@ -126,6 +126,10 @@ class Provider(ABC):
         """Bring existing machines back to a reachable state (restart what stopped). Default: as they are."""
         return nodes
 
+    def become_password(self, node: Node) -> str | None:
+        """A sudo password this provider knows for the node (an inventory's); None: use -K's, if any."""
+        return None
+
     def allow_mesh_peers(self, pools: list[Any], peers: list[str], port: int) -> None:  # noqa: B027
         """Open the mesh UDP `port` to exactly these public addresses (the cluster's nodes elsewhere),
         and to no others; called after provisioning whenever the cluster spans providers. Idempotent:

@@ -14,7 +14,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dcx.errors import SpecError
-from dcx.providers.base import Node, NodeRequest, Provider
+from dcx.log import register_secret
+from dcx.providers.base import Node, NodeRequest, Provider, ProviderContext
 
 
 class InlineHost(BaseModel):
@@ -48,6 +49,10 @@ class SshProvider(Provider):
     settings_model = SshSettings
     resets_machines = True
 
+    def __init__(self, ctx: ProviderContext) -> None:
+        super().__init__(ctx)
+        self.become_passwords: dict[str, str] = {}
+
     def _hosts(self, pool: Any) -> list[dict[str, Any]]:
         """The pool's hosts as plain settings, in inventory order."""
         settings = SshSettings.model_validate(pool.settings)
@@ -60,9 +65,18 @@ class SshProvider(Provider):
         base = self.ctx.spec.base_dir if self.ctx.spec is not None else Path.cwd()
         path = Path(settings.inventory)
         hosts = load_inventory(path if path.is_absolute() else base / path, settings.group)
+        for h in hosts:
+            if h.become_password is not None:
+                # Kept in memory only (never in state or the node record): used for this run's sudo.
+                register_secret(h.become_password)
+                self.become_passwords[h.name] = h.become_password
         return [{"name": h.name, "address": h.address, "port": h.port if h.port != 22 else None, "user": h.user,
                  "key": h.private_key_file, "proxy_jump": h.proxy_jump, "mesh_endpoint": h.mesh_endpoint,
                  "private_address": h.private_address, "labels": h.labels} for h in hosts]
+
+    def become_password(self, node: Node) -> str | None:
+        """The inventory's ansible_become_password for this host, if it gives one."""
+        return self.become_passwords.get(node.name)
 
     def node_requests(self, pool: Any) -> list[NodeRequest]:
         hosts = self._hosts(pool)

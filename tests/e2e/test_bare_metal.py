@@ -91,9 +91,10 @@ def test_ansible_inventory_to_swarm_and_back(rack: Lab, tmp_path: Path) -> None:
     assert all(r["reachable"] and r["sudo"] and r["docker"] for r in rows.values())
     assert abs(rows["mgr"]["clock_offset_s"]) < 5
 
-    def create() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(cli.argv("cluster", "create", "-f", str(spec), "-K"), input=SUDO_PASSWORD + "\n",
-                              capture_output=True, text=True, env=cli.env, timeout=600)
+    def create(ask: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cli.argv("cluster", "create", "-f", str(spec), *(["-K"] if ask else [])),
+                              input=SUDO_PASSWORD + "\n" if ask else "", capture_output=True, text=True, env=cli.env,
+                              timeout=600)
 
     try:
         r = create()
@@ -114,14 +115,28 @@ def test_ansible_inventory_to_swarm_and_back(rack: Lab, tmp_path: Path) -> None:
         assert again.returncode == 0, again.stderr
         assert "==> Join workers (3 hosts)\n    0 changed, 3 unchanged" in again.stdout
 
+        # Without -K, the host whose sudo needs a password fails, and the message says what to do.
+        no_password = create(ask=False)
+        assert no_password.returncode == 1
+        assert "hint: sudo on wpw needs a password: pass -K/--ask-become-pass" in no_password.stderr, no_password.stderr
+
+        # From here the inventory holds the sudo password (as Ansible inventories may): no -K needed,
+        # and it is kept nowhere.
+        inventory.write_text(inventory.read_text().replace(
+            "ansible_become=yes", f"ansible_become=yes ansible_become_password={SUDO_PASSWORD}"))
+
         # The machine behind 10.214.20.21 is rebuilt with a new host key: dcx refuses, then is told.
         rack.rekey("dark1")
-        refused = create()
+        refused = create(ask=False)
         assert refused.returncode == 1
         assert "host key of 10.214.20.21 (root@10.214.20.21:22) changed" in refused.stderr
         assert "dcx node forget-key CLUSTER 10.214.20.21" in refused.stderr
         cli.run("node", "forget-key", "rack", "10.214.20.21", check=True)
-        assert create().returncode == 0
+        r = create(ask=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert SUDO_PASSWORD not in r.stdout + r.stderr
+        assert not any(SUDO_PASSWORD in p.read_text(errors="replace")
+                       for p in (tmp_path / "home").rglob("*") if p.is_file())
     finally:
         destroy = subprocess.run(cli.argv("cluster", "destroy", "rack", "--yes", "-K"), input=SUDO_PASSWORD + "\n",
                                  capture_output=True, text=True, env=cli.env, timeout=300)

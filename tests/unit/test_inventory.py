@@ -127,6 +127,11 @@ MALFORMED = [
     ("dcx duplicate host", "apiVersion: dcx/v1\nkind: Inventory\nhosts:\n  - {name: a}\n  - {name: a}\n", 5,
      "hosts[1].name", "host 'a' is listed twice"),
     ("empty inventory", "# nothing here\n", None, "inventory", "has no hosts"),
+    ("vaulted sudo password", "all:\n  hosts:\n    h1:\n      ansible_become_password: !vault |\n"
+     "        $ANSIBLE_VAULT;1.1;AES256\n        6231\n", 3, "host h1: ansible_become_password",
+     "is vault-encrypted or templated"),
+    ("templated sudo password", "[g]\nh1 ansible_become_password='{{ vault_pw }}'\n", 2,
+     "host h1: ansible_become_password", "is vault-encrypted or templated"),
 ]
 
 
