@@ -79,3 +79,18 @@ def test_start_commands_per_init_system(init: str, expected_first: str) -> None:
         # Detached with a pidfile, and only when none is running: a re-run starts nothing twice.
         assert "setsid dockerd --pidfile /run/dcx/dockerd.pid" in commands[1]
         assert commands[1].startswith("if [ -f /run/dcx/dockerd.pid ] && kill -0")
+
+
+def test_cloud_init_user_data_is_valid_yaml_with_the_key_and_nothing_per_machine() -> None:
+    from ruamel.yaml import YAML
+
+    from dcx.templates import render
+
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample dcx-demo"
+    text = render("cloud-init.yaml", user="ubuntu", public_key=key, disable_root="true")
+    assert text.startswith("#cloud-config\n")
+    data = YAML(typ="safe").load(text)
+    user = next(u for u in data["users"] if isinstance(u, dict))
+    assert (user["name"], user["ssh_authorized_keys"], user["sudo"]) == ("ubuntu", [key], "ALL=(ALL) NOPASSWD:ALL")
+    assert data["ssh_pwauth"] is False and data["disable_root"] is True
+    assert "hostname" not in data  # one user-data serves a batch of machines
