@@ -322,10 +322,10 @@ def open_mesh_between_providers(session: Session, spec: ClusterSpec, nodes: list
     """A cluster spanning providers meets over the mesh: each provider's firewall lets in the mesh
     port from the other providers' nodes (their public addresses), and from no one else."""
     groups = pools_by_provider(spec)
-    if len(groups) < 2 or spec.spec.network.mesh == "none":
-        return
+    spans = len(groups) > 1 and spec.spec.network.mesh != "none"
     for name, pools in groups.items():
-        peers = sorted({n.public_address or n.ssh_address for n in nodes if n.provider != name})
+        # Called with no peers too: a cluster that no longer spans providers closes what it opened.
+        peers = sorted({n.public_address or n.ssh_address for n in nodes if n.provider != name}) if spans else []
         session.provider(name, spec).allow_mesh_peers(pools, peers, spec.spec.network.meshPort)
 
 

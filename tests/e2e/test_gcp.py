@@ -1,0 +1,442 @@
+"""The gcp provider end to end: the real `dcx` CLI and the real google-cloud-compute client against
+the local Compute REST fake (tests/fakes/gce.py), authenticated with a service-account key whose
+token_uri is the fake's. With namespace hosts available, the fake's instances boot as real
+machines (tests/testbed/boot.py) and `dcx cluster create` goes all the way to a Ready swarm."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ruamel.yaml import YAML
+
+from tests.fakes.gce import GceFake
+from tests.testbed.local import Dcx, missing_for_namespace_nodes
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+PROJECT = "dcx-test"
+ZONE = "us-central1-a"
+SSH_CIDR = "198.51.100.7/32"
+
+
+def gcp_yaml(name: str, pools: list[str], ssh_cidr: str = SSH_CIDR, extra: str = "", user: str = "root") -> str:
+    lines = ["apiVersion: dcx/v1", "kind: Cluster", f"metadata: {{name: {name}}}", "spec:",
+             "  engine: {type: swarm}", f"  ssh: {{user: {user}}}", f"  network: {{sshCIDR: '{ssh_cidr}'}}",
+             "  pools:"]
+    lines += [f"    - {p}" for p in pools]
+    return "\n".join(lines) + "\n" + extra
+
+
+def pool(name: str, role: str, count: int, **gcp: Any) -> str:
+    settings = {"project": PROJECT, "zone": ZONE, "subnetCIDR": "10.214.32.0/24", **gcp}
+    return json.dumps({"name": name, "role": role, "count": count, "provider": "gcp", "gcp": settings})
+
+
+@pytest.fixture
+def gce(tmp_path: Path) -> Iterator[GceFake]:
+    fake = GceFake(projects=(PROJECT, "other-project")).start()
+    try:
+        fake.credentials_file(tmp_path / "sa.json")
+        yield fake
+    finally:
+        fake.close()
+
+
+@pytest.fixture
+def cli(gce: GceFake, tmp_path: Path) -> Iterator[tuple[Dcx, list[str]]]:
+    """The dcx CLI with its own home, pointed at the fake; destroys the test's clusters at the end."""
+    dcx = Dcx(tmp_path / "dcx-home")
+    dcx.env.update(GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "sa.json"), DCX_GCP_ENDPOINT=gce.url,
+                   NO_GCE_CHECK="True")
+    for var in ("GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CORE_PROJECT", "CLOUDSDK_COMPUTE_ZONE"):
+        dcx.env.pop(var, None)
+    clusters: list[str] = []
+    try:
+        yield dcx, clusters
+    finally:
+        for name in clusters:
+            if (dcx.home / "clusters" / name).exists():
+                dcx.run("cluster", "destroy", name, "--yes", timeout=300)
+
+
+def write(tmp_path: Path, text: str, name: str = "cluster.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def instances(fake: GceFake, cluster: str) -> dict[str, dict[str, Any]]:
+    with fake.lock:
+        return {k[2]: v for k, v in fake.instances.items() if v["labels"].get("dcx-cluster") == cluster}
+
+
+def mutations(fake: GceFake) -> list[tuple[str, str]]:
+    with fake.lock:
+        return [(m, p) for m, p in fake.requests if m in ("POST", "PATCH", "DELETE") and not p.endswith("/wait")]
+
+
+def test_create_labels_metadata_firewalls_rerun_and_destroy(gce: GceFake, cli: tuple[Dcx, list[str]],
+                                                            tmp_path: Path) -> None:
+    dcx, clusters = cli
+    name = "gcp-main"
+    clusters.append(name)
+    spec = write(tmp_path, gcp_yaml(name, [pool("control", "control", 1),
+                                           pool("workers", "worker", 2, labels={"team": "infra"})]))
+    dcx.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+    state = dcx.state(name)
+    cid = state["id"]
+    tag = f"dcx-{cid}"
+    public_key = (dcx.home / "clusters" / name / "ssh" / "id_ed25519.pub").read_text().strip()
+
+    made = instances(gce, name)
+    assert sorted(made) == [f"{name}-control-1", f"{name}-workers-1", f"{name}-workers-2"]
+    for iname, inst in made.items():
+        pool_name = iname.split("-")[-2]
+        expected = {"dcx-cluster": name, "dcx-cluster-id": cid, "dcx-pool": pool_name}
+        if pool_name == "workers":
+            expected["team"] = "infra"
+        assert inst["labels"] == expected
+        assert inst["tags"]["items"] == [tag]
+        meta = {i["key"]: i["value"] for i in inst["metadata"]["items"]}
+        assert meta["ssh-keys"] == f"root:{public_key}"
+        user_data = YAML(typ="safe").load(io.StringIO(meta["user-data"]))
+        assert meta["user-data"].startswith("#cloud-config\n")
+        assert user_data["users"][1]["ssh_authorized_keys"] == [public_key]
+        assert inst["disks"][0]["initializeParams"]["sourceImage"].startswith(
+            "projects/ubuntu-os-cloud/global/images/family/ubuntu-")
+        assert inst["machineType"].endswith(f"/zones/{ZONE}/machineTypes/e2-small")
+        # The state's node: public SSH address (the default), private address, network and ids.
+        nic = inst["networkInterfaces"][0]
+        node = state["nodes"][iname]
+        assert node["ssh_address"] == nic["accessConfigs"][0]["natIP"] == node["public_address"]
+        assert node["private_address"] == nic["networkIP"]
+        assert node["network"] == f"gcp:{PROJECT}/{tag}"
+        assert node["provider_ids"] == {"instance": iname, "zone": ZONE, "project": PROJECT}
+
+    with gce.lock:
+        rules = {k[1]: v for k, v in gce.firewalls.items()}
+        networks = dict(gce.networks)
+        subnets = dict(gce.subnetworks)
+    assert sorted(rules) == [f"{tag}-internal", f"{tag}-ssh"]
+    ssh = rules[f"{tag}-ssh"]
+    assert ssh["sourceRanges"] == [SSH_CIDR] and ssh["targetTags"] == [tag]
+    assert ssh["allowed"] == [{"IPProtocol": "tcp", "ports": ["22"]}]
+    internal = rules[f"{tag}-internal"]
+    assert internal["sourceTags"] == [tag] and internal["targetTags"] == [tag] and "sourceRanges" not in internal
+    assert {"IPProtocol": "tcp", "ports": ["2377", "7946"]} in internal["allowed"]
+    # No port of the cluster is open to the world.
+    assert not [n for n, r in rules.items() if "0.0.0.0/0" in r.get("sourceRanges", [])]
+    assert networks[(PROJECT, tag)]["autoCreateSubnetworks"] is False
+    assert subnets[(PROJECT, "us-central1", f"{tag}-us-central1")]["ipCidrRange"] == "10.214.32.0/24"
+
+    # A re-run finds everything by labels and names: nothing is created, changed or deleted.
+    gce.reset_counts()
+    dcx.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+    assert mutations(gce) == []
+    assert sorted(instances(gce, name)) == sorted(made)
+
+    # An edited sshCIDR is applied to the existing rule (and nothing else changes).
+    write(tmp_path, gcp_yaml(name, [pool("control", "control", 1),
+                                    pool("workers", "worker", 2, labels={"team": "infra"})],
+                             ssh_cidr="198.51.100.7/32,192.0.2.0/28"))
+    gce.reset_counts()
+    dcx.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+    assert [m for m, _ in mutations(gce)] == ["PATCH"]
+    with gce.lock:
+        assert gce.firewalls[(PROJECT, f"{tag}-ssh")]["sourceRanges"] == ["192.0.2.0/28", SSH_CIDR]
+
+    r = dcx.run("cluster", "destroy", name, "--yes")
+    assert r.returncode == 0, r.stderr
+    assert gce.all_resources() == {"instances": [], "firewalls": [], "networks": [], "subnetworks": []}
+    assert not (dcx.home / "clusters" / name).exists()
+
+
+def test_destroy_without_state_sweeps_by_labels_and_names(gce: GceFake, cli: tuple[Dcx, list[str]],
+                                                          tmp_path: Path) -> None:
+    dcx, clusters = cli
+    # Another cluster whose name starts the same, in the same project, and a user's own network.
+    gce.add_network(PROJECT, "shared", {"shared-us": ("us-central1", "10.214.40.0/24")})
+    clusters += ["sweep", "sweep-b"]
+    spec = write(tmp_path, gcp_yaml("sweep", [pool("control", "control", 1),
+                                              pool("w", "worker", 2, network="shared", subnetwork="shared-us")]))
+    other = write(tmp_path, gcp_yaml("sweep-b", [pool("control", "control", 1, subnetCIDR="10.214.33.0/24")]),
+                  "other.yaml")
+    dcx.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+    dcx.run("cluster", "create", "-f", str(other), "--provision-only", check=True)
+    other_before = {k: v for k, v in gce.all_resources().items()}
+    assert len(instances(gce, "sweep")) == 3 and len(instances(gce, "sweep-b")) == 1
+
+    shutil.rmtree(dcx.home / "clusters" / "sweep")
+    r = dcx.run("cluster", "destroy", "-f", str(spec), "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert instances(gce, "sweep") == {}
+    left = gce.all_resources()
+    other_id = dcx.state("sweep-b")["id"]
+    # Only the other cluster's resources and the user's network remain.
+    assert left["instances"] == ["sweep-b-control-1"]
+    assert left["firewalls"] == [f"dcx-{other_id}-internal", f"dcx-{other_id}-ssh"]
+    assert left["networks"] == sorted([f"dcx-{other_id}", "shared"])
+    assert left["subnetworks"] == sorted([f"dcx-{other_id}-us-central1", "shared-us"])
+    assert len(other_before["firewalls"]) == 2 + 4  # sweep had rules in two networks: all four went
+
+    dcx.run("cluster", "destroy", "sweep-b", "--yes", check=True)
+    assert gce.all_resources() == {"instances": [], "firewalls": [], "networks": ["shared"],
+                                   "subnetworks": ["shared-us"]}
+
+
+def test_transient_errors_are_retried_without_duplicates(gce: GceFake, cli: tuple[Dcx, list[str]],
+                                                         tmp_path: Path) -> None:
+    dcx, clusters = cli
+    name = "gcp-retry"
+    clusters.append(name)
+    spec = write(tmp_path, gcp_yaml(name, [pool("control", "control", 1), pool("w", "worker", 3)]))
+    gce.fail_next(2, 429, "/instances")  # the first look-ups
+    gce.fail_next(1, 503, "/global/networks")
+    # The first bulkInsert is done but its answer is lost: the retry (same request id) must not
+    # make a second set of instances nor fail on their names.
+    gce.fail_next(1, 503, "/bulkInsert", after=True)
+    gce.fail_next(1, 429, "/operations/")
+    r = dcx.run("cluster", "create", "-f", str(spec), "--provision-only")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(instances(gce, name)) == [f"{name}-control-1", f"{name}-w-1", f"{name}-w-2", f"{name}-w-3"]
+    with gce.lock:
+        assert not gce._failures, "every injected failure was met"
+    assert gce.count("POST", "/bulkInsert") == 3  # control, w (answer lost), w again
+    state = dcx.state(name)
+    assert len(state["nodes"]) == 4
+    dcx.run("cluster", "destroy", name, "--yes", check=True)
+    assert gce.all_resources()["instances"] == []
+
+
+def test_preempted_instance_is_started_again(gce: GceFake, cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    dcx, clusters = cli
+    name = "gcp-spot"
+    clusters.append(name)
+    spec = write(tmp_path, gcp_yaml(name, [pool("control", "control", 1, preemptible=True)]))
+    dcx.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+    node = f"{name}-control-1"
+    before = dcx.state(name)["nodes"][node]["ssh_address"]
+    gce.preempt(PROJECT, ZONE, node)
+    gce.reset_counts()
+    dcx.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+    assert [p.rsplit("/", 1)[1] for _, p in mutations(gce)] == ["start"]
+    inst = instances(gce, name)[node]
+    assert inst["status"] == "RUNNING"
+    after = dcx.state(name)["nodes"][node]["ssh_address"]
+    assert after == inst["networkInterfaces"][0]["accessConfigs"][0]["natIP"] and after != before
+
+
+def test_api_errors_and_bad_input_are_one_line(gce: GceFake, cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    dcx, clusters = cli
+    clusters += ["gcp-bad"]
+    # No sshCIDR: dcx refuses to open SSH to the world (exit 2, says what to set).
+    spec = write(tmp_path, gcp_yaml("gcp-bad", [pool("control", "control", 1)], ssh_cidr=""))
+    r = dcx.run("cluster", "create", "-f", str(spec), "--provision-only")
+    assert r.returncode == 2 and "sshCIDR" in r.stderr and "Traceback" not in r.stderr
+    # An invalid label value is located in the file.
+    spec = write(tmp_path, gcp_yaml("gcp-bad", [pool("control", "control", 1, labels={"team": "Infra"})]))
+    r = dcx.run("cluster", "create", "-f", str(spec), "--provision-only")
+    assert r.returncode == 2 and "cluster.yaml:" in r.stderr and "label 'team'" in r.stderr
+    # Two regions of the VPC dcx makes with the same subnetwork range: refused before anything is made.
+    spec = write(tmp_path, gcp_yaml("gcp-bad", [pool("control", "control", 1),
+                                                pool("east", "worker", 1, zone="us-east1-b")]))
+    gce.reset_counts()
+    r = dcx.run("cluster", "create", "-f", str(spec), "--provision-only")
+    assert r.returncode == 2 and "overlapping gcp.subnetCIDR" in r.stderr and mutations(gce) == []
+    # A quota error from the API's operation: one line with the API's words and a hint.
+    gce.instance_quota = 1
+    spec = write(tmp_path, gcp_yaml("gcp-bad", [pool("control", "control", 2)]))
+    r = dcx.run("cluster", "create", "-f", str(spec), "--provision-only")
+    assert r.returncode == 1 and "QUOTA_EXCEEDED" in r.stderr and "Traceback" not in r.stderr
+    assert "quota" in r.stderr.lower().split("hint:")[1]
+    # A project that does not exist.
+    spec = write(tmp_path, gcp_yaml("gcp-bad", [pool("control", "control", 1, project="nope-project")]))
+    r = dcx.run("cluster", "destroy", "-f", str(spec), "--yes")
+    assert r.returncode == 1 and "nope-project" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_credentials_or_project_is_one_clear_line(gce: GceFake, cli: tuple[Dcx, list[str]],
+                                                          tmp_path: Path) -> None:
+    dcx, _ = cli
+    spec = write(tmp_path, gcp_yaml("gcp-nocred", [pool("control", "control", 1)]))
+    empty_home = tmp_path / "empty-home"
+    empty_home.mkdir()
+    dcx.env.pop("GOOGLE_APPLICATION_CREDENTIALS")
+    dcx.env.update(HOME=str(empty_home), CLOUDSDK_CONFIG=str(empty_home / "gcloud"))
+    r = dcx.run("cluster", "create", "-f", str(spec), "--provision-only")
+    assert r.returncode != 0
+    assert "no Google credentials" in r.stderr and "gcloud auth application-default login" in r.stderr
+    assert "Traceback" not in r.stderr and len([ln for ln in r.stderr.splitlines() if ln.startswith("error")]) == 1
+
+    # Credentials without a project, and no project in the spec or the environment.
+    gce.credentials_file(tmp_path / "sa-noproject.json", project="")
+    dcx.env["GOOGLE_APPLICATION_CREDENTIALS"] = str(tmp_path / "sa-noproject.json")
+    spec = write(tmp_path, gcp_yaml("gcp-nocred", [json.dumps({"name": "c", "role": "control", "count": 1,
+                                                               "provider": "gcp", "gcp": {"zone": ZONE}})]))
+    r = dcx.run("cluster", "create", "-f", str(spec), "--provision-only")
+    assert r.returncode == 2 and "no GCP project" in r.stderr and "GOOGLE_CLOUD_PROJECT" in r.stderr
+    # ... which the environment can give.
+    dcx.env["GOOGLE_CLOUD_PROJECT"] = PROJECT
+    r = dcx.run("cluster", "create", "-f", str(spec), "--provision-only")
+    assert r.returncode == 0, r.stderr
+    assert "gcp-nocred-c-1" in gce.all_resources()["instances"]
+    dcx.run("cluster", "destroy", "gcp-nocred", "--yes", check=True)
+
+
+def test_hundred_node_pool_provision_only(gce: GceFake, cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    dcx, clusters = cli
+    name = "gcp-big"
+    clusters.append(name)
+    spec = write(tmp_path, gcp_yaml(name, [pool("control", "control", 1, subnetCIDR="10.214.36.0/23"),
+                                           pool("w", "worker", 100, subnetCIDR="10.214.36.0/23",
+                                                sshAddress="private", preemptible=True)]))
+    dcx.run("cluster", "create", "-f", str(spec), "--provision-only", check=True, timeout=600)
+    made = instances(gce, name)
+    assert len(made) == 101
+    assert gce.count("POST", "/bulkInsert") == 2  # one per pool
+    state = dcx.state(name)
+    workers = [n for n in state["nodes"].values() if n["pool"] == "w"]
+    assert len(workers) == 100 and len({n["ssh_address"] for n in workers}) == 100
+    assert all(n["ssh_address"] == n["private_address"] for n in workers)  # sshAddress: private
+    assert all(made[n]["scheduling"]["preemptible"] for n in made if "-w-" in n)
+    gce.reset_counts()
+    dcx.run("cluster", "destroy", name, "--yes", check=True, timeout=600)
+    assert gce.all_resources() == {"instances": [], "firewalls": [], "networks": [], "subnetworks": []}
+
+
+# --- boot simulation: from the fake's instances to a real swarm ------------------------------------
+
+
+_WHY_NOT = missing_for_namespace_nodes()
+
+
+def test_boot_simulation_reaches_a_ready_swarm(gce: GceFake, cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    if _WHY_NOT:
+        pytest.skip(f"namespace hosts unavailable: {_WHY_NOT}")
+    from tests.testbed.boot import BootSimulator, authorized_key_from_user_data
+
+    dcx, clusters = cli
+    name = "gcp-boot"
+    clusters.append(name)
+    subnet = "10.214.34.0/24"
+    booting: list[Future[None]] = []
+    lock = threading.Lock()
+    with BootSimulator(subnet, tag="gcp") as sim, ThreadPoolExecutor(max_workers=4) as pool_:
+        def on_insert(inst: dict[str, Any]) -> None:
+            meta = {i["key"]: i["value"] for i in inst["metadata"]["items"]}
+            # A machine boots after the API says RUNNING: dcx's Connect phase waits for its SSH.
+            with lock:
+                user = meta["ssh-keys"].split(":", 1)[0]  # the login user, as the guest agent makes it
+                booting.append(pool_.submit(sim.boot, inst["name"], inst["networkInterfaces"][0]["networkIP"],
+                                            authorized_key_from_user_data(meta["user-data"]), inst["name"], user))
+
+        gce.on_insert = on_insert
+        gce.on_delete = lambda inst: sim.halt(inst["name"])
+        try:
+            spec = write(tmp_path, gcp_yaml(name, [pool("control", "control", 1, subnetCIDR=subnet,
+                                                        sshAddress="private"),
+                                                   pool("workers", "worker", 2, subnetCIDR=subnet,
+                                                        sshAddress="private")], ssh_cidr="10.214.32.0/20",
+                                            user="ubuntu"))  # Ubuntu images' login user: sudo, not root
+            r = dcx.run("cluster", "create", "-f", str(spec), timeout=600)
+            for f in booting:
+                f.result(timeout=120)  # a boot that failed shows its own error
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+            status = dcx.json("cluster", "status", name)
+            assert status["healthy"] is True
+            assert sorted(n["name"] for n in status["nodes"]) == [f"{name}-control-1", f"{name}-workers-1",
+                                                                  f"{name}-workers-2"]
+            assert all(n["ready"] for n in status["nodes"])
+            assert all(n["address"].startswith("10.214.34.") for n in status["nodes"])
+            assert len(sim.hosts) == 3
+            assert {n["ssh_user"] for n in dcx.state(name)["nodes"].values()} == {"ubuntu"}
+
+            r = dcx.run("cluster", "destroy", name, "--yes", timeout=300)
+            assert r.returncode == 0, r.stderr
+            assert sim.hosts == {}, "destroy stopped every machine"
+            assert gce.all_resources() == {"instances": [], "firewalls": [], "networks": [], "subnetworks": []}
+        finally:
+            gce.on_insert = None
+            if (dcx.home / "clusters" / name).exists():
+                dcx.run("cluster", "destroy", name, "--yes", timeout=300)
+            for f in booting:
+                f.exception(timeout=120)
+
+
+# --- the provider in-process: mesh rules between providers ---------------------------------------
+
+
+def provider_for(spec_path: Path, tmp_path: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """A GcpProvider as the engine makes it (no mocks: real SDK, real fake), with an in-memory journal."""
+    import logging
+
+    from dcx.providers.base import ProviderContext
+    from dcx.providers.gcp import GcpProvider
+    from dcx.spec import load
+
+    spec = load(spec_path)
+    resources: dict[str, Any] = {}
+
+    def journal(key: str, value: Any) -> None:
+        if value is None:
+            resources.pop(key, None)
+        else:
+            resources[key] = value
+
+    ctx = ProviderContext(cluster_name=spec.name, cluster_id="0a1b2c3d", ssh_public_key="ssh-ed25519 AAAAtest dcx",
+                          ssh_private_key_path=tmp_path / "key", workdir=tmp_path, journal=journal,
+                          resources=resources, log=logging.getLogger("test"), network=spec.spec.network, spec=spec)
+    provider = GcpProvider(ctx)
+    provider.check_prerequisites()
+    return provider, spec, resources
+
+
+def test_mesh_port_only_from_other_providers_nodes(gce: GceFake, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from dcx.providers.base import NodeRequest
+
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "sa.json"))
+    monkeypatch.setenv("DCX_GCP_ENDPOINT", gce.url)
+    spec_path = write(tmp_path, gcp_yaml("gcp-mesh", [pool("control", "control", 1)]))
+    provider, spec, resources = provider_for(spec_path, tmp_path)
+    pools = spec.spec.pools
+    provider.create_nodes(pools[0], [NodeRequest("gcp-mesh-control-1", "control", "control", 1)])
+    rule = "dcx-0a1b2c3d-mesh"
+
+    provider.allow_mesh_peers(pools, ["192.0.2.10", "192.0.2.11"], 51820)
+    with gce.lock:
+        mesh = dict(gce.firewalls[(PROJECT, rule)])
+    assert mesh["sourceRanges"] == ["192.0.2.10/32", "192.0.2.11/32"]
+    assert mesh["allowed"] == [{"IPProtocol": "udp", "ports": ["51820"]}]
+    assert mesh["targetTags"] == ["dcx-0a1b2c3d"]
+    assert f"gcp/firewall/{rule}" in resources  # journalled before it was made
+
+    # The same peers again: no call changes anything. A peer gone and one new: exactly the new set.
+    gce.reset_counts()
+    provider.allow_mesh_peers(pools, ["192.0.2.11", "192.0.2.10"], 51820)
+    assert mutations(gce) == []
+    provider.allow_mesh_peers(pools, ["192.0.2.11", "192.0.2.12"], 51820)
+    with gce.lock:
+        assert gce.firewalls[(PROJECT, rule)]["sourceRanges"] == ["192.0.2.11/32", "192.0.2.12/32"]
+    # A peer given by name (an ssh host's address may be one) is resolved to its address.
+    provider.allow_mesh_peers(pools, ["192.0.2.11", "localhost"], 51820)
+    with gce.lock:
+        assert gce.firewalls[(PROJECT, rule)]["sourceRanges"] == ["127.0.0.1/32", "192.0.2.11/32"]
+    # No peers left: the rule goes.
+    provider.allow_mesh_peers(pools, [], 51820)
+    with gce.lock:
+        assert (PROJECT, rule) not in gce.firewalls
+    provider.allow_mesh_peers(pools, [], 51820)  # and its absence is fine
+
+    removed = provider.sweep(pools)
+    assert "gcp instance gcp-mesh-control-1" in removed and "gcp network dcx-0a1b2c3d" in removed
+    assert gce.all_resources() == {"instances": [], "firewalls": [], "networks": [], "subnetworks": []}
+    assert not [k for k in resources if k.startswith("gcp/")]
