@@ -16,7 +16,7 @@ from typing import Any
 from dcx import access
 from dcx.bootstrap.engines import NodeHealth, get_engine
 from dcx.bootstrap.phases import Host, Phase, Reporter, RunContext, run_phases
-from dcx.bootstrap.runtime import GatherFacts, InstallRuntime, RemoveDcxFiles, StartRuntime
+from dcx.bootstrap.runtime import GatherFacts, InstallRuntime, RemoveDcxFiles, SetHostname, StartRuntime
 from dcx.bootstrap.ssh import HostKeyStore, Sessions, Target, connect_with_retry
 from dcx.errors import DcxError, OperationFailed
 from dcx.log import log, start_run_log, stop_run_log
@@ -221,7 +221,7 @@ def _host_keys_changed(session: Session) -> None:
 def base_phases(options: Options) -> list[Phase]:
     from dcx.bootstrap.preflight import Preflight
 
-    return [Connect(options.ssh_timeout), GatherFacts(), Preflight(), InstallRuntime(), StartRuntime()]
+    return [Connect(options.ssh_timeout), SetHostname(), GatherFacts(), Preflight(), InstallRuntime(), StartRuntime()]
 
 
 # --- commands ---------------------------------------------------------------------------------------
@@ -319,14 +319,28 @@ def provision(session: Session, spec: ClusterSpec, plan: Plan) -> list[Node]:
 
 
 def open_mesh_between_providers(session: Session, spec: ClusterSpec, nodes: list[Node]) -> None:
-    """A cluster spanning providers meets over the mesh: each provider's firewall lets in the mesh
-    port from the other providers' nodes (their public addresses), and from no one else."""
-    groups = pools_by_provider(spec)
-    spans = len(groups) > 1 and spec.spec.network.mesh != "none"
-    for name, pools in groups.items():
-        # Called with no peers too: a cluster that no longer spans providers closes what it opened.
-        peers = sorted({n.public_address or n.ssh_address for n in nodes if n.provider != name}) if spans else []
-        session.provider(name, spec).allow_mesh_peers(pools, peers, spec.spec.network.meshPort)
+    """Each provider's firewall lets in the mesh port from exactly the peers `mesh_peers` names. Called
+    with no peers too: a cluster that no longer spans networks closes what it opened."""
+    peers = mesh_peers(spec, nodes)
+    for name, pools in pools_by_provider(spec).items():
+        session.provider(name, spec).allow_mesh_peers(pools, peers.get(name, []), spec.spec.network.meshPort)
+
+
+def mesh_peers(spec: ClusterSpec, nodes: list[Node]) -> dict[str, list[str]]:
+    """Per provider, the public addresses its firewall must let in on the mesh port: the nodes in other
+    networks when the cluster spans networks (a provider with nodes in two regions or VPCs lets in its
+    own too); nothing otherwise."""
+    def network(n: Node) -> str:
+        return n.network or f"{n.provider}:{n.name}"  # as the mesh counts networks
+
+    if spec.spec.network.mesh == "none" or len({network(n) for n in nodes}) < 2:
+        return {}
+    out = {}
+    for name in pools_by_provider(spec):
+        own_networks = {network(n) for n in nodes if n.provider == name}
+        out[name] = sorted({n.public_address or n.ssh_address for n in nodes
+                            if n.provider != name or len(own_networks) > 1})
+    return out
 
 
 def remove_nodes(session: Session, spec: ClusterSpec, ctx: RunContext, leaving: list[Node], options: Options) -> None:

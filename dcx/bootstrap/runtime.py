@@ -142,6 +142,30 @@ def gather_facts(host: Host) -> Facts:
     return facts
 
 
+def set_hostname_command(name: str) -> str:
+    """Set the hostname now and for every boot: /etc/hostname, an /etc/hosts line for it, and (where
+    cloud-init runs) `preserve_hostname` so cloud-init does not put the cloud's name back."""
+    n = q(name)
+    return (f"hostname {n} && echo {n} > /etc/hostname && "
+            f"{{ grep -v '^127.0.1.1[[:space:]]' /etc/hosts; echo \"127.0.1.1 \"{n}; }} > /etc/hosts.dcx && "
+            "cat /etc/hosts.dcx > /etc/hosts && rm -f /etc/hosts.dcx && "
+            "if [ -d /etc/cloud/cloud.cfg.d ]; then "
+            "echo 'preserve_hostname: true' > /etc/cloud/cloud.cfg.d/99-dcx-hostname.cfg; fi")
+
+
+class SetHostname(Phase):
+    title = "Set hostnames"
+
+    def hosts(self, ctx: RunContext) -> list[Host]:
+        return [h for h in ctx.hosts if h.node.hostname]
+
+    def needs_run(self, ctx: RunContext, host: Host) -> bool:
+        return host.run("hostname", sudo=False, timeout=30).stdout.strip() != host.node.hostname
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        host.run(set_hostname_command(host.node.hostname), timeout=60, check=True, what="setting the hostname")
+
+
 class GatherFacts(Phase):
     title = "Gather host facts"
     read_only = True

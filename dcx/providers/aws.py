@@ -356,7 +356,7 @@ class AwsProvider(Provider):
                                 hint="set aws.publicIP: true, or aws.sshAddress: private when dcx runs inside the VPC")
         region = inst.get("Placement", {}).get("AvailabilityZone", "")[:-1] or self.region_of(pool)
         return Node(
-            name=name, pool=pool.name, provider=self.name, role=role,
+            name=name, pool=pool.name, provider=self.name, role=role, hostname=name,
             ssh_address=public if s.sshAddress == "public" else private,
             private_address=private, public_address=public, ssh_user=self.ctx.ssh_user, ssh_port=22,
             provider_ids={"instance": inst["InstanceId"], "region": region},

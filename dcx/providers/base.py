@@ -40,6 +40,9 @@ class Node:
     labels: dict[str, str] = field(default_factory=dict)
     network: str = ""  # nodes with the same non-empty network reach each other's private addresses
     mesh_endpoint: str = ""  # host:port other sites use to reach this node's WireGuard port
+    # The hostname bootstrap gives the machine, for clouds whose own names are not unique or useful
+    # (EC2's ip-10-0-0-5 repeats across regions); "" leaves the machine's hostname as it is.
+    hostname: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,6 +134,7 @@ class Provider(ABC):
         return None
 
     def allow_mesh_peers(self, pools: list[Any], peers: list[str], port: int) -> None:  # noqa: B027
-        """Open the mesh UDP `port` to exactly these public addresses (the cluster's nodes elsewhere),
-        and to no others; called after provisioning whenever the cluster spans providers. Idempotent:
-        addresses no longer listed lose their rule. Default: nothing to open (no provider firewall)."""
+        """Open the mesh UDP `port` to exactly these public addresses (the cluster's nodes in other
+        networks), and to no others; called after every provisioning, with no peers when the cluster
+        spans no networks. Idempotent: addresses no longer listed lose their rule. Default: nothing to
+        open (no provider firewall)."""

@@ -668,6 +668,10 @@ def test_boot_simulation_to_a_ready_swarm(aws_cli: tuple[Dcx, list[str]], moto: 
             made = {i["InstanceId"]: i["PrivateIpAddress"] for i in instances(ec2_client(moto), name)}
             assert sorted(sim.hosts) == sorted(made)
             assert {n["address"] for n in status["nodes"]} == set(made.values())
+            # EC2's ip-10-214-16-x names become the node names (they repeat across regions otherwise).
+            swarm_names = cli.run("node", "ssh", name, f"{name}-control-1", "--",
+                                  "sudo docker node ls --format '{{.Hostname}}'", check=True).stdout.split()
+            assert sorted(swarm_names) == sorted(n["name"] for n in status["nodes"])
 
             # Scale down: the worker leaves the swarm, then its instance is terminated (and halts).
             spec.write_text(cluster_spec(name, 1, 1))
