@@ -185,7 +185,9 @@ def test_destroy_without_state_sweeps_by_labels_and_names(gce: GceFake, cli: tup
     assert left["firewalls"] == [f"dcx-{other_id}-internal", f"dcx-{other_id}-ssh"]
     assert left["networks"] == sorted([f"dcx-{other_id}", "shared"])
     assert left["subnetworks"] == sorted([f"dcx-{other_id}-us-central1", "shared-us"])
-    assert len(other_before["firewalls"]) == 2 + 4  # sweep had rules in two networks: all four went
+    # sweep had ssh, internal and mesh rules in each of its two networks (VPC networks do not reach
+    # each other: the mesh joins them): all six went.
+    assert len(other_before["firewalls"]) == 2 + 6
 
     dcx.run("cluster", "destroy", "sweep-b", "--yes", check=True)
     assert gce.all_resources() == {"instances": [], "firewalls": [], "networks": ["shared"],
