@@ -7,6 +7,9 @@
   backup; `DCX_NO_SSH_CONFIG=1` skips it), because docker's SSH transport can only use the user's
   ssh configuration.
 - a docker context `dcx-NAME` (`host=ssh://dcx-NAME`), so `docker --context dcx-NAME service ls` works.
+- k3s: the kubeconfig the engine fetched (kept 0600 in the cluster directory) merged into the user's
+  kubeconfig under the context `dcx-NAME`, without switching the current context (`DCX_NO_KUBECONFIG=1`
+  skips the merge; `dcx cluster kubeconfig NAME` prints it either way).
 """
 
 from __future__ import annotations
@@ -105,7 +108,46 @@ def setup(cdir: ClusterDir, spec: Any, ctx: Any, state: ClusterState) -> dict[st
         name = context_name(state.name)
         info["docker_context"] = name if included and _docker_context(name) else ""
         info["docker_host"] = f"ssh://{name}"
+    if spec.spec.engine.type == "k3s":
+        info.update(merge_kubeconfig(cdir, state.name))
     return info
+
+
+def kubeconfig_file(cdir: ClusterDir) -> Path:
+    """The cluster's own kubeconfig (client keys: 0600), written by the k3s engine."""
+    return cdir.path / "secrets" / "kubeconfig"
+
+
+def merge_kubeconfig(cdir: ClusterDir, cluster: str) -> dict[str, str]:
+    from dcx.bootstrap import kubeconfig
+
+    own = kubeconfig_file(cdir)
+    if not own.exists():
+        return {}
+    info = {"kubeconfig_file": str(own), "kube_context": context_name(cluster)}
+    if os.environ.get("DCX_NO_KUBECONFIG"):
+        return info
+    target = kubeconfig.user_kubeconfig_path()
+    kubeconfig.merge_into_file(target, kubeconfig.loads(own.read_text()))
+    # Remembered so that destroy removes the context from the file it went into.
+    atomic_write(cdir.path / "kubeconfig-merged-into", str(target) + "\n", 0o600)
+    info["kubeconfig"] = str(target)
+    return info
+
+
+def remove_kubeconfig(cdir: ClusterDir, cluster: str) -> None:
+    """Take `dcx-NAME` out of the user's kubeconfig (the file it was merged into, and the current one)."""
+    from dcx.bootstrap import kubeconfig
+
+    paths = {kubeconfig.user_kubeconfig_path()}
+    recorded = cdir.path / "kubeconfig-merged-into"
+    if recorded.exists():
+        paths.add(Path(recorded.read_text().strip()))
+    for path in paths:
+        try:
+            kubeconfig.remove_from_file(path, context_name(cluster))
+        except Exception as exc:  # noqa: BLE001 - a broken user file must not stop a destroy
+            log.warning("could not remove %s from %s: %s", context_name(cluster), path, exc)
 
 
 def _docker_context(name: str) -> bool:
@@ -129,3 +171,5 @@ def teardown(cdir: ClusterDir, cluster: str) -> None:
         with contextlib.suppress(OSError):
             subprocess.run([docker, "context", "rm", "-f", context_name(cluster)], capture_output=True, check=False)
     (cdir.ssh_dir / "config").unlink(missing_ok=True)
+    if not os.environ.get("DCX_NO_KUBECONFIG"):
+        remove_kubeconfig(cdir, cluster)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dcx import access
-from dcx.bootstrap.engines import NodeHealth, get_engine
+from dcx.bootstrap.engines import ClusterEngine, NodeHealth, get_engine
 from dcx.bootstrap.phases import Host, Phase, Reporter, RunContext, run_phases
 from dcx.bootstrap.runtime import GatherFacts, InstallRuntime, RemoveDcxFiles, SetHostname, StartRuntime
 from dcx.bootstrap.ssh import HostKeyStore, Sessions, Target, connect_with_retry
@@ -218,10 +218,12 @@ def _host_keys_changed(session: Session) -> None:
     access.write_known_hosts(session.cdir, session.state.host_keys)
 
 
-def base_phases(options: Options) -> list[Phase]:
+def base_phases(options: Options, engine: ClusterEngine) -> list[Phase]:
     from dcx.bootstrap.preflight import Preflight
 
-    return [Connect(options.ssh_timeout), SetHostname(), GatherFacts(), Preflight(), InstallRuntime(), StartRuntime()]
+    phases: list[Phase] = [Connect(options.ssh_timeout), SetHostname(), GatherFacts(), Preflight()]
+    # k3s brings its own containerd: Docker is installed only for the engines that run on it.
+    return phases + ([InstallRuntime(), StartRuntime()] if engine.uses_docker else [])
 
 
 # --- commands ---------------------------------------------------------------------------------------
@@ -259,7 +261,7 @@ def apply(spec: ClusterSpec, options: Options, store: StateStore | None = None) 
             assign_mesh(session, spec, ctx)
             from dcx.bootstrap.mesh import mesh_phases
 
-            run_phases(ctx, base_phases(options) + mesh_phases(ctx) + engine.phases(ctx))
+            run_phases(ctx, base_phases(options, engine) + mesh_phases(ctx) + engine.phases(ctx))
             if plan.remove:
                 remove_nodes(session, spec, ctx, plan.remove, options)
             health = engine.health(ctx)

@@ -33,10 +33,21 @@ class Metadata(_Model):
 
 
 class AirgapSpec(_Model):
+    """k3s without internet: files on this machine that dcx uploads (paths relative to the spec file)."""
+
     binary: str
     binarySha256: str = ""
     images: str = ""
     imagesSha256: str = ""
+    installScript: str = ""  # k3s's install.sh (https://get.k3s.io), saved beforehand: it writes the services
+
+    @field_validator("binarySha256", "imagesSha256")
+    @classmethod
+    def _sha256(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value and not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("must be a SHA-256 digest (64 hex digits)")
+        return value
 
 
 class EngineSpec(_Model):
@@ -44,6 +55,9 @@ class EngineSpec(_Model):
     version: str = ""
     airgap: AirgapSpec | None = None
     tlsSAN: list[str] = Field(default_factory=list)
+    # k3s: a name or address (optionally :port) in front of the servers' API: added to the certificate
+    # and used in the kubeconfig dcx writes.
+    loadBalancer: str = ""
 
 
 class SSHSpec(_Model):

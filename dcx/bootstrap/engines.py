@@ -20,6 +20,7 @@ class NodeHealth:
 
 class ClusterEngine:
     type: str = ""
+    uses_docker: bool = True  # the container runtime dcx installs and starts (k3s brings its own)
 
     def phases(self, ctx: RunContext) -> list[Phase]:
         raise NotImplementedError

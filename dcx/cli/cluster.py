@@ -1,4 +1,4 @@
-"""`dcx cluster ...`: create, plan, status, list, destroy, env."""
+"""`dcx cluster ...`: create, plan, status, list, destroy, env, kubeconfig."""
 
 from __future__ import annotations
 
@@ -48,6 +48,9 @@ def create(
     o.info(f"cluster {name} is ready.")
     if result.access.get("docker_context"):
         o.info(f"  docker --context {result.access['docker_context']} node ls")
+    if result.access.get("kube_context"):
+        o.info(f"  kubectl --context {result.access['kube_context']} get nodes"
+               + ("" if result.access.get("kubeconfig") else f"  (dcx cluster kubeconfig {name} > kubeconfig)"))
     o.info(f"  dcx node ssh {name} {result.nodes[0].name}" if result.nodes else "")
     o.info(f"  dcx cluster destroy {name}")
 
@@ -155,3 +158,25 @@ def env(ctx: typer.Context, name: str = typer.Argument(...)) -> None:
     else:
         typer.echo(f"export DOCKER_HOST={host}")
         typer.echo(f"# ssh settings for it: {cdir.ssh_dir / 'config'} (included from ~/.ssh/config)")
+
+
+@app.command()
+def kubeconfig(ctx: typer.Context, name: str = typer.Argument(..., help="Cluster name.")) -> None:
+    """Print the kubeconfig of a k3s cluster (context dcx-NAME). It holds client keys: keep it private."""
+    from dcx import access
+    from dcx.errors import DcxError
+    from dcx.state import StateStore
+
+    o = out(ctx)
+    cdir = StateStore().cluster(name)
+    state = cdir.load()
+    path = access.kubeconfig_file(cdir)
+    if not path.exists():
+        why = "it is a swarm cluster" if state.engine != "k3s" else "it has not been fetched yet"
+        hint = f"run `dcx cluster create -f {state.spec_file or 'FILE'}`" if state.engine == "k3s" else None
+        raise DcxError(f"cluster {name} has no kubeconfig: {why}", hint=hint)
+    text = path.read_text()
+    if o.json:
+        o.data({"cluster": name, "context": access.context_name(name), "path": str(path), "kubeconfig": text})
+    else:
+        typer.echo(text, nl=False)
