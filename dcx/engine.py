@@ -126,8 +126,15 @@ class Session:
         out: list[Node] = []
         for name, pools in pools_by_provider(spec).items():
             out.extend(self.provider(name, spec).list_nodes(pools))
-        # Nodes recorded but no longer reported are gone: forget them (and their host keys).
         reported = {n.name for n in out}
+        # Nodes of pools no longer in the spec are not asked about: they exist until removed (the plan
+        # removes them), not forgotten with their machines still running.
+        pools = {p.name for p in spec.spec.pools}
+        for name, data in self.state.nodes.items():
+            if name not in reported and data.get("pool") not in pools:
+                out.append(Node.from_dict(data))
+                reported.add(name)
+        # Nodes recorded but no longer reported are gone: forget them (and their host keys).
         for gone in [n for n in self.state.nodes if n not in reported and forget]:
             log.info("%s is recorded but no longer exists; forgetting it", gone)
             self.forget_node(gone)
@@ -264,6 +271,7 @@ def apply(spec: ClusterSpec, options: Options, store: StateStore | None = None) 
             run_phases(ctx, base_phases(options, engine) + mesh_phases(ctx) + engine.phases(ctx))
             if plan.remove:
                 remove_nodes(session, spec, ctx, plan.remove, options)
+            sweep_dropped_providers(session, spec)
             health = engine.health(ctx)
             access_info = access.setup(session.cdir, spec, ctx, session.state)
             session.state.status = "ready"
@@ -499,6 +507,9 @@ def destroy(name: str | None, spec: ClusterSpec | None, options: Options, store:
             session.save()
         session.key_path, session.public_key = session.cdir.ensure_ssh_key()
         groups = pools_by_provider(spec)
+        # Providers the spec no longer names may still hold nodes or resources of this cluster.
+        for pname in recorded_providers(session.state):
+            groups.setdefault(pname, [])
         for pname, pools in groups.items():
             provider = session.provider(pname, spec)
             reporter.note(f"destroying {pname} resources")
@@ -518,6 +529,26 @@ def destroy(name: str | None, spec: ClusterSpec | None, options: Options, store:
     if session.cdir.path.exists():
         shutil.rmtree(session.cdir.path)
     return removed
+
+
+def recorded_providers(state: ClusterState) -> list[str]:
+    """Providers with nodes or journaled resources in the state (keys are `provider/...`)."""
+    from dcx.providers.registry import available
+
+    installed = set(available())
+    names = {d.get("provider", "") for d in state.nodes.values()} | {k.split("/", 1)[0] for k in state.resources}
+    return sorted(names & installed)
+
+
+def sweep_dropped_providers(session: Session, spec: ClusterSpec) -> None:
+    """A provider the spec no longer uses loses everything it made for the cluster (its nodes left
+    the cluster already), as a resource dropped from a Terraform configuration is destroyed."""
+    assert session.state is not None
+    for pname in recorded_providers(session.state):
+        if pname not in pools_by_provider(spec):
+            removed = session.provider(pname, spec).sweep([])
+            if removed:
+                session.reporter.note(f"{pname} is no longer in the spec: removed {len(removed)} resource(s)")
 
 
 def reset_files(session: Session, spec: ClusterSpec, nodes: list[Node], options: Options) -> None:

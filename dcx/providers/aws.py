@@ -433,7 +433,9 @@ class AwsProvider(Provider):
         """Everything tagged with the cluster in the pools' regions: instances (terminated and waited
         for), spot requests, then the network, group and key (dcx.providers.aws_network)."""
         removed: list[str] = []
-        for region in sorted(self._regions(pools)):
+        # The pools' regions, and those the journal names (a pool or region dropped from the spec).
+        regions = set(self._regions(pools)) | self.journal_regions()
+        for region in sorted(regions):
             ec2 = self.api.ec2(region)
             instances = self.find_instances(region, None, LIVE_STATES + ["shutting-down"])
             if instances:
@@ -451,6 +453,19 @@ class AwsProvider(Provider):
         for key in self.ctx.recorded_keys("aws/"):
             self.ctx.record(key, None)
         return removed
+
+    def journal_regions(self) -> set[str]:
+        """Regions the journal holds resources in: `aws/KIND/REGION/...`, and launches' recorded region."""
+        out = set()
+        for key in self.ctx.recorded_keys("aws/"):
+            kind, _, rest = key[len("aws/"):].partition("/")
+            value = self.ctx.recorded(key)
+            if kind == "batch":
+                if isinstance(value, dict) and value.get("region"):
+                    out.add(value["region"])
+            elif rest:
+                out.add(rest.split("/")[0])
+        return out
 
     def allow_mesh_peers(self, pools: list[Any], peers: list[str], port: int) -> None:
         sites = {(site.region, site.vpc_id): site for site in (self.site_of(p) for p in pools)}

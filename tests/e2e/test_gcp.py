@@ -442,3 +442,53 @@ def test_mesh_port_only_from_other_providers_nodes(gce: GceFake, tmp_path: Path,
     assert "gcp instance gcp-mesh-control-1" in removed and "gcp network dcx-0a1b2c3d" in removed
     assert gce.all_resources() == {"instances": [], "firewalls": [], "networks": [], "subnetworks": []}
     assert not [k for k in resources if k.startswith("gcp/")]
+
+
+def test_a_provider_dropped_from_the_spec_loses_everything_it_made(gce: GceFake, cli: tuple[Dcx, list[str]],
+                                                                  tmp_path: Path) -> None:
+    """Machines on GCE joined a cluster whose control node is local; the gcp pool leaves the spec: its
+    instances go at the next create, then its firewalls and network, as Terraform would destroy them."""
+    why_not = missing_for_namespace_nodes()
+    if why_not:
+        pytest.skip(f"namespace nodes unavailable: {why_not}")
+    dcx, clusters = cli
+    name = "dropgcp"
+    clusters.append(name)
+    local = json.dumps({"name": "control", "role": "control", "count": 1, "provider": "local",
+                        "local": {"subnet": "10.214.47.0/24"}})
+    both = write(tmp_path, gcp_yaml(name, [local, pool("cloud", "worker", 2)]))
+    dcx.run("cluster", "create", "-f", str(both), "--provision-only", check=True)
+    assert len(instances(gce, name)) == 2
+    assert gce.all_resources()["firewalls"]
+
+    only_local = write(tmp_path, gcp_yaml(name, [local]), "local.yaml")
+    r = dcx.run("cluster", "create", "-f", str(only_local), "--ssh-timeout", "5", timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert instances(gce, name) == {}
+    assert gce.all_resources() == {"instances": [], "firewalls": [], "networks": [], "subnetworks": []}
+    assert "gcp is no longer in the spec: removed" in r.stdout + r.stderr
+    status = dcx.json("cluster", "status", name)
+    assert [n["name"] for n in status["nodes"]] == [f"{name}-control-1"] and status["healthy"] is True
+
+
+def test_destroy_by_name_finds_a_provider_the_spec_no_longer_names(gce: GceFake, cli: tuple[Dcx, list[str]],
+                                                                   tmp_path: Path) -> None:
+    """The last applied spec has no gcp pool, but the cluster still has gcp instances (they were
+    provisioned, then the pool was dropped before a full create): `destroy NAME` removes them too."""
+    why_not = missing_for_namespace_nodes()
+    if why_not:
+        pytest.skip(f"namespace nodes unavailable: {why_not}")
+    dcx, clusters = cli
+    name = "dropped"
+    clusters.append(name)
+    local = json.dumps({"name": "control", "role": "control", "count": 1, "provider": "local",
+                        "local": {"subnet": "10.214.46.0/24"}})
+    dcx.run("cluster", "create", "-f", str(write(tmp_path, gcp_yaml(name, [local, pool("cloud", "worker", 2)]))),
+            "--provision-only", check=True)
+    dcx.run("cluster", "create", "-f", str(write(tmp_path, gcp_yaml(name, [local]), "local.yaml")),
+            "--provision-only", check=True)
+    assert set(dcx.state(name)["nodes"]) == {f"{name}-control-1", f"{name}-cloud-1", f"{name}-cloud-2"}
+    r = dcx.run("cluster", "destroy", name, "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert gce.all_resources() == {"instances": [], "firewalls": [], "networks": [], "subnetworks": []}
+    assert not (dcx.home / "clusters" / name).exists()
