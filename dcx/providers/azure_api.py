@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,6 +37,7 @@ SUBSCRIPTION_ENV = "AZURE_SUBSCRIPTION_ID"
 DEFAULT_ENDPOINT = "https://management.azure.com"
 DEFAULT_POLL = 5.0
 PARALLEL_CALLS = 16  # initial requests of a batch of long-running operations sent at once
+OPERATION_TIMEOUT = 1800.0  # seconds a batch of long-running operations may take before dcx gives up on it
 POOL_SIZE = 64  # connections per client: every poller polls from its own thread
 WELL_KNOWN_AUTHORITIES = {"login.microsoftonline.com", "login.chinacloudapi.cn", "login.microsoftonline.us",
                           "login.microsoftonline.de", "login.windows.net", "login.microsoft.com", "sts.windows.net"}
@@ -214,11 +216,20 @@ class AzureApi:
         with ThreadPoolExecutor(max_workers=min(PARALLEL_CALLS, len(items))) as pool:
             pollers = list(pool.map(start, items))
         results = []
+        deadline = time.monotonic() + OPERATION_TIMEOUT
         for item, poller in zip(items, pollers, strict=True):
             if poller is None:
                 results.append(None)
                 continue
             try:
+                poller.wait(timeout=max(0.0, deadline - time.monotonic()))
+                if not poller.done():
+                    # A re-run finds what finished meanwhile (deterministic names): nothing is lost.
+                    failures.append((item, ProviderError(
+                        f"Azure {what} {_label(item)}: still running after {OPERATION_TIMEOUT / 60:.0f} minutes",
+                        hint="check the operation in the Azure portal, then run the command again")))
+                    results.append(None)
+                    continue
                 results.append(poller.result())
             except AzureError as exc:
                 failures.append((item, exc))
