@@ -20,6 +20,7 @@ from typing import Any
 
 from dcx.errors import InputError, ProviderError
 from dcx.providers.aws_api import AwsApi, code_of, paged, tag_spec
+from dcx.providers.base import peer_cidrs
 
 CHECKIP_URL = "https://checkip.amazonaws.com"
 SELF_RULE = "cluster traffic between the cluster's nodes"
@@ -291,7 +292,7 @@ class AwsNetwork:
         with self.api.errors(f"read security group {site.sg_id}"):
             group = ec2.describe_security_groups(GroupIds=[site.sg_id])["SecurityGroups"][0]
         have = {r for r in rules(group.get("IpPermissions") or []) if _is_mesh(r)}
-        wanted = {("udp", port, port, str(ipaddress.ip_network(p, strict=False))) for p in peers}
+        wanted = {("udp", port, port, cidr) for cidr in peer_cidrs(peers, "the AWS security group")}
         self.apply_rules(site.region, site.sg_id, add=wanted - have, remove=have - wanted)
 
     # --- key pair -------------------------------------------------------------------------------

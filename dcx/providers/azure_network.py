@@ -16,11 +16,10 @@ Rules that are not dcx's (someone added them) are kept when dcx updates the grou
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from typing import TYPE_CHECKING, Any
 
-from dcx.errors import InputError, ProviderError
+from dcx.errors import InputError
+from dcx.providers.base import peer_cidrs
 
 if TYPE_CHECKING:
     from dcx.providers.azure import AzureProvider, Where
@@ -214,7 +213,7 @@ def allow_mesh_peers(provider: AzureProvider, pools: list[Any], peers: list[str]
         current = next((r for r in ((provider._nsgs.get(key) or get_nsg(provider, where) or {}).get("properties")
                                     or {}).get("securityRules") or [] if r["name"] == MESH_RULE), None)
         if peers:
-            wanted = rule(MESH_RULE, 120, "Udp", peer_ranges(peers), [str(port)])
+            wanted = rule(MESH_RULE, 120, "Udp", peer_cidrs(peers, "the Azure security group"), [str(port)])
             if current is not None and rule_key(current) == rule_key(wanted):
                 continue
             provider.ctx.record(journal, {"subscription": where.subscription, "group": where.group})
@@ -241,19 +240,3 @@ def _cache_mesh_rule(provider: AzureProvider, key: tuple[str, str, str], wanted:
         props["securityRules"].append(wanted)
 
 
-def peer_ranges(peers: list[str]) -> list[str]:
-    """/32s of the peers' IPv4 addresses; names (an ssh host's address may be one) are resolved."""
-    out = set()
-    for peer in peers:
-        try:
-            out.add(f"{ipaddress.IPv4Address(peer)}/32")
-            continue
-        except ValueError:
-            pass
-        try:
-            infos = socket.getaddrinfo(peer, None, socket.AF_INET, socket.SOCK_DGRAM)
-        except OSError:
-            raise ProviderError(f"cannot resolve mesh peer '{peer}' to an IPv4 address for the Azure security group",
-                                hint="give the host an IPv4 address (or a mesh endpoint) in its pool") from None
-        out |= {f"{info[4][0]}/32" for info in infos}
-    return sorted(out)

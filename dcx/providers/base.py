@@ -12,7 +12,9 @@ resumed and destroyed.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
+
+from dcx.errors import ProviderError
 
 
 @dataclass
@@ -138,3 +142,22 @@ class Provider(ABC):
         networks), and to no others; called after every provisioning, with no peers when the cluster
         spans no networks. Idempotent: addresses no longer listed lose their rule. Default: nothing to
         open (no provider firewall)."""
+
+
+def peer_cidrs(peers: list[str], firewall: str) -> list[str]:
+    """The /32s a firewall rule for mesh peers lists: IPv4 addresses as they are, names (an ssh host's
+    address may be one) resolved here. `firewall` names the rule's home for the error."""
+    out = set()
+    for peer in peers:
+        try:
+            out.add(f"{ipaddress.IPv4Address(peer)}/32")
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(peer, None, socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError:
+            raise ProviderError(f"cannot resolve mesh peer '{peer}' to an IPv4 address for {firewall}",
+                                hint="give the host an IPv4 address (or a mesh endpoint) in its pool") from None
+        out |= {f"{info[4][0]}/32" for info in infos}
+    return sorted(out)

@@ -22,7 +22,6 @@ import hashlib
 import ipaddress
 import os
 import re
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dcx.errors import InputError, ProviderError
-from dcx.providers.base import Node, NodeRequest, Provider
+from dcx.providers.base import Node, NodeRequest, Provider, peer_cidrs
 
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 ZONE_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
@@ -406,7 +405,7 @@ class GcpProvider(Provider):
             seen.add((where.project, where.network))
             name = f"{self.rule_prefix(where)}-mesh"
             if peers:
-                ranges = peer_ranges(peers)
+                ranges = peer_cidrs(peers, "the GCP firewall")
                 self._ensure_firewall(where, name, {"allowed": [{"IPProtocol": "udp", "ports": [str(port)]}],
                                                     "sourceRanges": ranges,
                                                     "what": "the mesh port from the cluster's nodes elsewhere"})
@@ -713,24 +712,6 @@ class GcpProvider(Provider):
             self.api.wait(project, op, f"delete {kind} {name}")
             out.append(f"gcp {kind} {name}")
         return out
-
-
-def peer_ranges(peers: list[str]) -> list[str]:
-    """/32s of the peers' IPv4 addresses; names (an ssh host's address may be one) are resolved."""
-    out = set()
-    for peer in peers:
-        try:
-            out.add(f"{ipaddress.IPv4Address(peer)}/32")
-            continue
-        except ValueError:
-            pass
-        try:
-            infos = socket.getaddrinfo(peer, None, socket.AF_INET, socket.SOCK_DGRAM)
-        except OSError:
-            raise ProviderError(f"cannot resolve mesh peer '{peer}' to an IPv4 address for the GCP firewall",
-                                hint="give the host an IPv4 address (or a mesh endpoint) in its pool") from None
-        out |= {f"{info[4][0]}/32" for info in infos}
-    return sorted(out)
 
 
 def _rule_key(rule: Any) -> tuple[Any, ...]:

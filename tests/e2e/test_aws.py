@@ -18,7 +18,6 @@ import os
 import shutil
 import socket
 import threading
-import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,7 +29,7 @@ import pytest
 from dcx.errors import ProviderError
 from dcx.providers.base import NodeRequest, ProviderContext
 from dcx.spec import NetworkSpec, PoolSpec
-from tests.testbed.local import Dcx, force_cleanup, missing_for_namespace_nodes
+from tests.testbed.local import Dcx, force_cleanup, missing_for_namespace_nodes, wait_for
 
 pytestmark = [pytest.mark.timeout(600)]
 REGION = "us-east-1"
@@ -631,16 +630,6 @@ class Booter:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=60)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.e2e

@@ -18,7 +18,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from tests.fakes.gce import GceFake
-from tests.testbed.local import Dcx, missing_for_namespace_nodes
+from tests.testbed.local import Dcx, cloud_cluster_yaml, missing_for_namespace_nodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -28,11 +28,7 @@ SSH_CIDR = "198.51.100.7/32"
 
 
 def gcp_yaml(name: str, pools: list[str], ssh_cidr: str = SSH_CIDR, extra: str = "", user: str = "root") -> str:
-    lines = ["apiVersion: dcx/v1", "kind: Cluster", f"metadata: {{name: {name}}}", "spec:",
-             "  engine: {type: swarm}", f"  ssh: {{user: {user}}}", f"  network: {{sshCIDR: '{ssh_cidr}'}}",
-             "  pools:"]
-    lines += [f"    - {p}" for p in pools]
-    return "\n".join(lines) + "\n" + extra
+    return cloud_cluster_yaml(name, pools, ssh_cidr, extra, user)
 
 
 def pool(name: str, role: str, count: int, **gcp: Any) -> str:

@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from dcx import netns
-from tests.testbed.local import Dcx, cluster_yaml, leftovers, registry_entries
+from tests.testbed.local import Dcx, cluster_yaml, leftovers, registry_entries, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -30,16 +29,6 @@ def dockerd_pids(cli: Dcx, cluster: str) -> dict[str, list[int]]:
         out[info["node"]] = sorted(p for p in netns.pids_in_netns(info["netns"])
                                    if os.readlink(f"/proc/{p}/exe").endswith("dockerd"))
     return out
-
-
-def wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_create_serve_rerun_and_destroy(dcx_cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,26 @@ def missing_for_namespace_nodes() -> str | None:
         return f"cannot create network namespaces here: {probe.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", "dcx-probe"], capture_output=True)
     return None
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll until `predicate` returns something truthy (returned), or fail naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def cloud_cluster_yaml(name: str, pools: list[str], ssh_cidr: str, extra: str = "", user: str = "root") -> str:
+    """A swarm spec with the given pool lines (flow mappings) and network.sshCIDR, as cloud pools need."""
+    lines = ["apiVersion: dcx/v1", "kind: Cluster", f"metadata: {{name: {name}}}", "spec:",
+             "  engine: {type: swarm}", f"  ssh: {{user: {user}}}", f"  network: {{sshCIDR: '{ssh_cidr}'}}",
+             "  pools:"]
+    lines += [f"    - {p}" for p in pools]
+    return "\n".join(lines) + "\n" + extra
 
 
 def cluster_yaml(name: str, subnet: str, control: int = 1, workers: int = 2, extra: str = "") -> str:
