@@ -392,38 +392,37 @@ def plan(spec: ClusterSpec, store: StateStore | None = None) -> Plan:
     existing = session.existing_nodes(spec, forget=False)
     healthy: dict[str, bool] | None = None
     if existing and state.status == "ready":
-        healthy = {k: v.ready for k, v in cluster_health(session, spec, existing, Options()).items()}
+        healthy = {k: v.ready for k, v in cluster_health(session, spec, existing, Options())[0].items()}
     return make_plan(spec, existing, healthy, new_cluster=not existing, named=named)
 
 
 def cluster_health(session: Session, spec: ClusterSpec | None, nodes: list[Node], options: Options,
-                   ) -> dict[str, NodeHealth]:
+                   with_mesh: bool = False) -> tuple[dict[str, NodeHealth], dict[str, dict[str, Any]]]:
+    """How the engine sees every node, and (with_mesh, when the cluster has a mesh) each node's mesh
+    peers, over one set of connections."""
     assert session.state is not None
     engine_type = spec.spec.engine.type if spec else session.state.engine
     ctx = build_context(session, spec or _spec_stub(session.state), nodes, options)
     try:
-        return get_engine(engine_type).health(ctx)
-    except DcxError as exc:
-        return {n.name: NodeHealth(n.name, False, state="unknown", detail=exc.message) for n in nodes}
+        try:
+            health = get_engine(engine_type).health(ctx)
+        except DcxError as exc:
+            health = {n.name: NodeHealth(n.name, False, state="unknown", detail=exc.message) for n in nodes}
+        return health, (mesh_status(session, ctx) if with_mesh else {})
     finally:
         ctx.sessions.close()
 
 
-def mesh_status(session: Session, spec: ClusterSpec, nodes: list[Node]) -> dict[str, dict[str, Any]]:
+def mesh_status(session: Session, ctx: RunContext) -> dict[str, dict[str, Any]]:
     """Mesh health per node, when the cluster has a mesh (its addresses are recorded in state)."""
     from dcx.bootstrap.mesh import mesh_health
 
     assert session.state is not None
     prefix = "mesh/address/"
+    names = {h.name for h in ctx.hosts}
     addresses = {k[len(prefix):]: v for k, v in session.state.resources.items()
-                 if k.startswith(prefix) and k[len(prefix):] in {n.name for n in nodes}}
-    if not addresses:
-        return {}
-    ctx = build_context(session, spec, nodes, Options(ssh_timeout=10))
-    try:
-        return mesh_health(ctx, addresses)
-    finally:
-        ctx.sessions.close()
+                 if k.startswith(prefix) and k[len(prefix):] in names}
+    return mesh_health(ctx, addresses) if addresses else {}
 
 
 def _spec_stub(state: ClusterState) -> Any:
@@ -442,8 +441,7 @@ def status(name: str, store: StateStore | None = None) -> dict[str, Any]:
     session.state = state
     nodes = [Node.from_dict(d) for d in state.nodes.values()]
     spec = _spec_stub(state) if state.spec else None
-    health = cluster_health(session, spec, nodes, Options(ssh_timeout=10)) if nodes else {}
-    mesh = mesh_status(session, spec, nodes) if nodes and spec else {}
+    health, mesh = cluster_health(session, spec, nodes, Options(ssh_timeout=10), with_mesh=True) if nodes else ({}, {})
     rows = []
     for n in sorted(nodes, key=lambda n: (n.role != "control", n.name)):
         h = health.get(n.name)

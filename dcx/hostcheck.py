@@ -11,9 +11,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from dcx.bootstrap.phases import Host
+from dcx.bootstrap.phases import Host, describe_error
 from dcx.bootstrap.runtime import gather_facts
-from dcx.bootstrap.ssh import HostKeyStore, Sessions, Target, connect_with_retry, fan_out
+from dcx.bootstrap.ssh import Connection, HostKeyStore, Target, connect_with_retry, fan_out
 from dcx.inventory import load_inventory
 from dcx.log import register_secret
 from dcx.providers.base import Node
@@ -51,30 +51,40 @@ class _KeyFile:
             atomic_write(self.path, json.dumps(self.keys, indent=2))
 
 
+def _one_line(exc: BaseException) -> str:
+    error, output = describe_error(exc)
+    return f"{error}: {output.splitlines()[-1]}" if output.strip() else error
+
+
 def check(path: str | Path, group: str | None, parallel: int = 20, timeout: float = 15.0,
           become_password: str | None = None, key_passphrase: str | None = None) -> list[dict[str, Any]]:
     from dcx.engine import target_for_endpoint
 
     store = _KeyFile()
-    sessions = Sessions(HostKeyStore(store.keys, store.save), key_passphrase)
+    keys = HostKeyStore(store.keys, store.save)
+    # One connection per inventory entry: two entries may name the same machine (another user, another
+    # key), and host keys are recorded per address, so the entry's name cannot key a shared session.
+    conns: list[Connection] = []
 
     def one(item: tuple[str, Endpoint, str | None]) -> dict[str, Any]:
         name, ep, inventory_password = item
         target: Target = target_for_endpoint(f"{ep.host}:{ep.port}", ep, inventory_password or become_password)
         row: dict[str, Any] = {"name": name, "address": f"{ep.host}:{ep.port}", "reachable": False}
+        conn = Connection(target, keys, key_passphrase)
+        conns.append(conn)
         host = Host(node=Node(name=name, pool="", provider="ssh", role="", ssh_address=ep.host), target=target,
-                    conn=sessions.get(target))
+                    conn=conn)
         try:
             connect_with_retry(host.conn, timeout)
         except Exception as exc:  # noqa: BLE001 - reported in the row
-            row["error"] = getattr(exc, "message", str(exc))
+            row["error"] = _one_line(exc)
             return row
         row["reachable"] = True
         row["sudo"] = host.conn.is_root or host.run("true", timeout=30).ok
         try:
             f = gather_facts(host)
         except Exception as exc:  # noqa: BLE001 - reported in the row
-            row["error"] = getattr(exc, "message", str(exc))
+            row["error"] = _one_line(exc)
             return row
         row.update({"os": f"{f.os_id} {f.os_version}".strip(), "arch": f.arch, "cpus": f.cpus,
                     "memory_mib": f.mem_kb // 1024, "init": f.init, "docker": bool(f.docker_bin),
@@ -84,5 +94,6 @@ def check(path: str | Path, group: str | None, parallel: int = 20, timeout: floa
     try:
         results = fan_out(one, resolved_hosts(path, group), parallel)
     finally:
-        sessions.close()
+        for conn in conns:
+            conn.close()
     return [r for _, r, _ in results if r is not None]

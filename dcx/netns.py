@@ -67,6 +67,16 @@ def list_netns() -> list[str]:
     return sorted(p.name for p in NETNS_DIR.iterdir())
 
 
+def host_ipv4_interfaces() -> list[tuple[str, ipaddress.IPv4Interface]]:
+    """(link, address/prefix) for every IPv4 address on this machine's own interfaces."""
+    out = []
+    for line in sh("ip", "-o", "-4", "addr", "show", check=False).stdout.splitlines():
+        parts = line.split()
+        if "inet" in parts:
+            out.append((parts[1], ipaddress.IPv4Interface(parts[parts.index("inet") + 1])))
+    return out
+
+
 def ensure_bridge(name: str, gateway_cidr: str | None) -> None:
     """A Linux bridge on this machine (idempotent), with the gateway address when given."""
     if not link_exists(name):

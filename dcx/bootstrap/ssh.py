@@ -316,6 +316,12 @@ def connect_with_retry(conn: Connection, timeout: float, interval: float = 0.5) 
                                       hint="check the user and key (inventory, ~/.ssh/config, ssh-agent)") from None
             last = exc
         except RETRYABLE as exc:
+            if str(exc) == "No authentication methods available":
+                # paramiko has no key at all to offer (none named, none found, no agent): waiting will
+                # not change that, so say so now instead of retrying until the timeout.
+                raise OperationFailed(f"cannot log in to {conn.target.name} as {conn.target.label}: no key to "
+                                      "offer", hint="name a key (ansible_ssh_private_key_file, IdentityFile in "
+                                      "~/.ssh/config, spec.ssh.privateKey) or load one into ssh-agent") from None
             last = exc
         if time.monotonic() + interval > deadline:
             reason = f"{type(last).__name__}: {last}" if last else "no answer"

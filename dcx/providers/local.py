@@ -106,6 +106,7 @@ class LocalProvider(Provider):
         hosts = list(subnet.hosts())
         bridge = self.bridge_for(subnet)
         gateway = hosts[0]
+        _refuse_overlap(subnet, bridge, pool.name)
         self.ctx.record(f"local/bridge/{bridge}", {"subnet": str(subnet)})
         netns.ensure_bridge(bridge, f"{gateway}/{subnet.prefixlen}")
         taken = self._addresses_in_use(subnet)
@@ -239,14 +240,20 @@ class LocalProvider(Provider):
         return used
 
 
+def _refuse_overlap(subnet: ipaddress.IPv4Network, bridge: str, pool: str) -> None:
+    """Another interface in the pool's subnet would take the nodes' traffic (the kernel routes to
+    whichever it likes): say so now rather than wait for an sshd that is never reached."""
+    for link, iface in netns.host_ipv4_interfaces():
+        if link != bridge and iface.network.overlaps(subnet):
+            raise ProviderError(
+                f"subnet {subnet} of pool {pool} overlaps {iface} on interface {link} of this machine",
+                hint=f"choose another local.subnet; if {link} was left by an interrupted dcx run whose state is "
+                f"gone, remove it: ip link del {link}")
+
+
 def _free_subnet() -> ipaddress.IPv4Network:
     """The first /24 of 10.213.0.0/16 that no interface on this machine uses."""
-    used = []
-    out = netns.sh("ip", "-o", "-4", "addr", "show", check=False).stdout
-    for line in out.splitlines():
-        parts = line.split()
-        if "inet" in parts:
-            used.append(ipaddress.ip_interface(parts[parts.index("inet") + 1]).network)
+    used = [iface.network for _, iface in netns.host_ipv4_interfaces()]
     for candidate in DEFAULT_SUBNET_BASE.subnets(new_prefix=24):
         if not any(candidate.overlaps(u) for u in used):
             return candidate

@@ -213,7 +213,7 @@ Host deep-agent
     # Without the passphrase or the agent, neither logs in, and each says why.
     rows = {r["name"]: r for r in cli.json("inventory", "check", str(inventory))}
     assert "encrypted" in rows["deep-enc"]["error"], rows
-    assert not rows["deep-agent"]["reachable"], rows
+    assert not rows["deep-agent"]["reachable"] and "no key to offer" in rows["deep-agent"]["error"], rows
 
     agent = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
     env = dict(line.split(";")[0].split("=", 1) for line in agent.splitlines() if line.startswith("SSH_"))

@@ -147,20 +147,23 @@ def test_sigkill_mid_create_then_rerun_and_destroy(dcx_cli: tuple[Dcx, list[str]
     spec.write_text(cluster_yaml(name, "10.213.204.0/24", control=1, workers=3))
     proc = subprocess.Popen(cli.argv("cluster", "create", "-f", str(spec)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=cli.env, stdin=subprocess.DEVNULL)
+    seen = []
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
+            seen.append(line)
             if line.startswith("creating 3 node(s) in pool workers"):
                 break
         # Kill it while it is making the workers' namespace hosts.
-        wait_for(lambda: len(registry_entries(name)) >= 2, 30, "a worker being made")
+        wait_for(lambda: len(registry_entries(name)) >= 2 or proc.poll() is not None, 30, "a worker being made")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.stdout is not None
+    assert proc.returncode == -signal.SIGKILL, "".join(seen) + proc.stdout.read()
     assert cli.state(name)["status"] != "ready"
 
     r = cli.run("cluster", "create", "-f", str(spec))
