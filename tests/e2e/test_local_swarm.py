@@ -194,3 +194,24 @@ def test_destroy_without_state_sweeps_by_name(dcx_cli: tuple[Dcx, list[str]], tm
     assert r.returncode == 0, r.stderr
     assert leftovers(cluster_id, name) == []
     assert not [b for b in bridges if netns.link_exists(b)]
+
+
+def test_pool_subnet_taken_by_another_interface_is_refused(dcx_cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    """A leftover interface in the pool's subnet would take the nodes' traffic: one line names it."""
+    cli, clusters = dcx_cli
+    name = "e2e-overlap"
+    clusters.append(name)
+    squatter = "dcxtest-squat"
+    subprocess.run(["ip", "link", "add", squatter, "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", "10.213.206.1/24", "dev", squatter], check=True)
+        spec = tmp_path / "cluster.yaml"
+        spec.write_text(cluster_yaml(name, "10.213.206.0/24", control=1, workers=0))
+        r = cli.run("cluster", "create", "-f", str(spec))
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert ("error: subnet 10.213.206.0/24 of pool control overlaps 10.213.206.1/24 on interface "
+                f"{squatter} of this machine") in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        assert registry_entries(name) == []  # refused before any node was made
+    finally:
+        subprocess.run(["ip", "link", "del", squatter], check=False)
