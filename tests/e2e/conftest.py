@@ -5,9 +5,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.testbed.local import Dcx, force_cleanup, missing_for_namespace_nodes
+from tests.testbed.local import Dcx, force_cleanup, missing_for_namespace_nodes, sweep_interrupted_runs
 
 _WHY_NOT = missing_for_namespace_nodes()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _swept_before_the_run(pytestconfig: pytest.Config) -> None:
+    """A run killed before its teardowns leaves hosts and bridges that would break this one: remove them,
+    and say so."""
+    if _WHY_NOT:
+        return
+    removed = sweep_interrupted_runs()
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+    if removed and capture is not None:
+        with capture.global_and_fixture_disabled():
+            print("\nremoved what an interrupted earlier run left: " + ", ".join(removed))
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,15 +97,7 @@ class Dcx:
 
 
 def registry_entries(cluster: str) -> list[dict[str, Any]]:
-    out = []
-    for p in REGISTRY.glob("*.json") if REGISTRY.is_dir() else []:
-        try:
-            info = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if info.get("cluster") == cluster:
-            out.append(info)
-    return out
+    return [info for info in _all_registry_entries() if info.get("cluster") == cluster]
 
 
 def leftovers(cluster_id: str, cluster: str) -> list[str]:
@@ -139,6 +132,48 @@ def force_cleanup(home: Path, clusters: list[str]) -> None:
                 netns.delete_bridge(link.name)
     for name in clusters:
         subprocess.run(["docker", "context", "rm", "-f", f"dcx-{name}"], capture_output=True)
+
+
+TEST_ONLY_NETNS = ("dcxlab-", "dcxtest-")  # tests/testbed's labs and boot simulators; dcx never makes these
+
+
+def sweep_interrupted_runs() -> list[str]:
+    """What an earlier test run left when it was killed before its teardowns (a lost machine, a restarted
+    sandbox): test-only namespace hosts, local nodes whose home is a pytest directory, and dcx bridges
+    with no ports that no remaining local node uses (a bridge left behind takes the traffic of any later
+    bridge on its subnet). Run once before the e2e tests; not safe beside another test run on this host.
+    Returns what it removed."""
+    removed = []
+    pytest_dirs = str(Path(tempfile.gettempdir()) / "pytest-of-")
+    for path in sorted(REGISTRY.glob("*.json")) if REGISTRY.is_dir() else []:
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if str(info.get("home", "")).startswith(pytest_dirs):
+            netns.stop_host(info["netns"], Path(info["home"]))
+            path.unlink(missing_ok=True)
+            removed.append(f"node {info['netns']} ({info.get('cluster')})")
+    for ns in netns.list_netns():
+        if ns.startswith(TEST_ONLY_NETNS):
+            netns.stop_host(ns, None)
+            removed.append(f"namespace {ns}")
+    in_use = {e.get("bridge") for e in _all_registry_entries()}
+    for link in sorted(Path("/sys/class/net").iterdir()):
+        if link.name.startswith("dcxb") and link.name not in in_use and not netns.bridge_ports(link.name):
+            netns.delete_bridge(link.name)
+            removed.append(f"bridge {link.name}")
+    return removed
+
+
+def _all_registry_entries() -> list[dict[str, Any]]:
+    out = []
+    for path in REGISTRY.glob("*.json") if REGISTRY.is_dir() else []:
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def _bridge_of(bridge: str, cluster_id: str, home: Path) -> bool:
