@@ -309,13 +309,7 @@ def _user_mounts(spec: HostSpec, dirs: dict[str, Path]) -> list[str]:
 def sshd_pid(netns: str) -> int | None:
     """The host's listening sshd: an sshd in the namespace whose parent is not one (sshd rewrites its
     argv, so the command line cannot tell the listener from the per-connection children)."""
-    sshds = set()
-    for pid in pids_in_netns(netns):
-        try:
-            if os.readlink(f"/proc/{pid}/exe").endswith("/sshd") and _alive(pid):
-                sshds.add(pid)
-        except OSError:
-            continue
+    sshds = {pid for pid in program_pids(netns, "sshd") if _alive(pid)}
     # OpenSSH names its listener in its rewritten argv; a closing connection's child can briefly look
     # parentless (reparented to init), so the parent test is only the fallback.
     named = sorted(p for p in sshds if b"[listener]" in _cmdline(p))
@@ -368,6 +362,19 @@ def pids_in_netns(netns: str) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def program_pids(netns: str, program: str) -> list[int]:
+    """PIDs in the namespace running the executable named `program` (processes that exit meanwhile are
+    skipped)."""
+    out = []
+    for pid in pids_in_netns(netns):
+        try:
+            if os.readlink(f"/proc/{pid}/exe").endswith(f"/{program}"):
+                out.append(pid)
+        except OSError:
+            continue
+    return out
 
 
 def _parents() -> dict[int, int]:

@@ -26,8 +26,7 @@ def docker(cluster: str, *args: str, check: bool = True) -> str:
 def dockerd_pids(cli: Dcx, cluster: str) -> dict[str, list[int]]:
     out = {}
     for info in registry_entries(cluster):
-        out[info["node"]] = sorted(p for p in netns.pids_in_netns(info["netns"])
-                                   if os.readlink(f"/proc/{p}/exe").endswith("dockerd"))
+        out[info["node"]] = sorted(netns.program_pids(info["netns"], "dockerd"))
     return out
 
 
