@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.testbed.lab import Lab
-from tests.testbed.local import Dcx, missing_for_namespace_nodes
+from tests.testbed.local import Dcx, missing_for_namespace_nodes, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 WHY_NOT = missing_for_namespace_nodes()
@@ -119,8 +119,14 @@ def test_sites_behind_nat_form_one_swarm_over_the_mesh(sites: Lab, tmp_path: Pat
         probe = ("docker run --rm --network hy-net dcx-hy/busybox:1 sh -c "
                  "'for ip in $(nslookup tasks.web 2>/dev/null | awk \"/^Address: /{print \\$2}\"); do "
                  "wget -q -O - http://$ip/; done'")
-        replies = [line for line in on(cli, name, "b1", probe).stdout.splitlines() if line.startswith("hello from")]
-        assert len(set(replies)) == 4, replies
+
+        def every_task_answers() -> set[str]:
+            # A task's DNS record may trail its Running state by a moment: ask again until all four answer.
+            out = on(cli, name, "b1", probe).stdout.splitlines()
+            replies = {line for line in out if line.startswith("hello from")}
+            return replies if len(replies) == 4 else set()
+
+        wait_for(every_task_answers, 60, "an answer from each of the 4 tasks, asked from site B")
 
         # Private keys live only on their own node, 0600; dcx's state holds public keys at most.
         for node in ("a1", "b1"):
