@@ -43,23 +43,16 @@ def reset(port: int) -> None:
 
 def measure(count: int, port: int) -> dict[str, Any]:
     from dcx.providers.aws import AwsProvider
-    from dcx.providers.base import NodeRequest, ProviderContext
+    from dcx.providers.base import NodeRequest
     from dcx.spec import NetworkSpec, PoolSpec
+    from tests.testbed.journal import MemoryJournal
 
     reset(port)
-    resources: dict[str, Any] = {}
-
-    def journal(key: str, value: Any) -> None:
-        if value is None:
-            resources.pop(key, None)
-        else:
-            resources[key] = value
-
-    ctx = ProviderContext(
-        cluster_name="bench", cluster_id=f"b{count}", workdir=Path(tempfile.gettempdir()),
+    ctx = MemoryJournal().context(
+        "bench", f"b{count}", Path(tempfile.gettempdir()),
         ssh_public_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOcdh2t7rhcgXhlhzR5JfRL7sG5BKjXbjRtq2R4jTXvn bench",
-        ssh_private_key_path=Path("/nonexistent"), journal=journal, resources=resources,
-        log=logging.getLogger("bench"), network=NetworkSpec(sshCIDR="192.0.2.1/32"), ssh_user="ubuntu")
+        ssh_private_key_path=Path("/nonexistent"), log=logging.getLogger("bench"),
+        network=NetworkSpec(sshCIDR="192.0.2.1/32"), ssh_user="ubuntu")
     pool = PoolSpec(name="workers", role="worker", count=count, provider="aws", aws={
         "region": REGION, "vpcCIDR": "10.214.16.0/20", "subnetCIDR": "10.214.20.0/22", "sshAddress": "private",
         "publicIP": False})

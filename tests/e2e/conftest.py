@@ -5,16 +5,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.testbed.local import Dcx, force_cleanup, missing_for_namespace_nodes, sweep_interrupted_runs
-
-_WHY_NOT = missing_for_namespace_nodes()
+from tests.testbed.local import (
+    Dcx,
+    clusters_destroyed_after,
+    missing_for_namespace_nodes,
+    skip_without_namespace_nodes,
+    sweep_interrupted_runs,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _swept_before_the_run(pytestconfig: pytest.Config) -> None:
     """A run killed before its teardowns leaves hosts and bridges that would break this one: remove them,
     and say so."""
-    if _WHY_NOT:
+    if missing_for_namespace_nodes():
         return
     removed = sweep_interrupted_runs()
     capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
@@ -27,15 +31,7 @@ def _swept_before_the_run(pytestconfig: pytest.Config) -> None:
 def dcx_cli(tmp_path: Path) -> Iterator[tuple[Dcx, list[str]]]:
     """A dcx CLI with its own home, and a list the test appends its cluster names to: whatever the
     test leaves (it failed, dcx was killed), the teardown destroys and then sweeps by name and id."""
-    if _WHY_NOT:
-        pytest.skip(f"namespace nodes unavailable: {_WHY_NOT}")
-    home = tmp_path / "dcx-home"
-    cli = Dcx(home)
-    clusters: list[str] = []
-    try:
+    skip_without_namespace_nodes()
+    cli = Dcx(tmp_path / "dcx-home")
+    with clusters_destroyed_after(cli) as clusters:
         yield cli, clusters
-    finally:
-        for name in clusters:
-            if (home / "clusters" / name).exists():
-                cli.run("cluster", "destroy", name, "--yes", timeout=180)
-        force_cleanup(home, clusters)

@@ -20,16 +20,18 @@ import socket
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dcx.errors import ProviderError
-from dcx.providers.base import NodeRequest, ProviderContext
+from dcx.providers.base import NodeRequest
 from dcx.spec import NetworkSpec, PoolSpec
-from tests.testbed.local import Dcx, force_cleanup, missing_for_namespace_nodes, wait_for
+from tests.fakes.server import LoopbackServer
+from tests.testbed.journal import MemoryJournal
+from tests.testbed.local import Dcx, clusters_destroyed_after, skip_without_namespace_nodes, wait_for
 
 pytestmark = [pytest.mark.timeout(600)]
 REGION = "us-east-1"
@@ -99,19 +101,10 @@ class Ctx:
 
     def __init__(self, tmp: Path, name: str = "awst", cluster_id: str = "c0ffee01", ssh_cidr: str = "10.214.16.0/20",
                  user: str = "ubuntu") -> None:
-        self.resources: dict[str, Any] = {}
-        self.journal_log: list[tuple[str, Any]] = []
-        self.ctx = ProviderContext(
-            cluster_name=name, cluster_id=cluster_id, ssh_public_key=public_key(),
-            ssh_private_key_path=tmp / "key", workdir=tmp, journal=self._journal, resources=self.resources,
-            log=log, network=NetworkSpec(sshCIDR=ssh_cidr), ssh_user=user)
-
-    def _journal(self, key: str, value: Any) -> None:
-        self.journal_log.append((key, value))
-        if value is None:
-            self.resources.pop(key, None)
-        else:
-            self.resources[key] = value
+        self.journal = MemoryJournal()
+        self.resources = self.journal.resources
+        self.ctx = self.journal.context(name, cluster_id, tmp, ssh_public_key=public_key(), log=log,
+                                        network=NetworkSpec(sshCIDR=ssh_cidr), ssh_user=user)
 
     def provider(self) -> Any:
         from dcx.providers.aws import AwsProvider
@@ -185,7 +178,7 @@ def tagged_leftovers(url: str, cluster: str) -> list[str]:
 # --- a proxy in front of moto that injects AWS errors -------------------------------------------------
 
 
-class FaultProxy:
+class FaultProxy(LoopbackServer):
     """Forwards to moto; `decide(action, form)` may answer instead with (status, code) -> an EC2 error."""
 
     def __init__(self, target: str, decide: Callable[[str, dict[str, str]], tuple[int, str] | None]) -> None:
@@ -234,16 +227,8 @@ class FaultProxy:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+        super().__init__(Handler, "aws-fault-proxy")
+        self.start()
 
 
 @contextlib.contextmanager
@@ -307,8 +292,8 @@ def test_create_tags_user_data_and_default_image(moto: str, tmp_path: Path) -> N
                 f"aws/subnet/{REGION}/us-east-1a", f"aws/sg/{REGION}/{vpc}"):
         assert key in c.resources, key
     # Write-ahead: the intent is journaled before the resource's id is.
-    first = [k for k, v in c.journal_log if k == f"aws/vpc/{REGION}"]
-    assert c.journal_log[[k for k, _ in c.journal_log].index(first[0])][1]["state"] == "creating"
+    first = [k for k, v in c.journal.writes if k == f"aws/vpc/{REGION}"]
+    assert c.journal.writes[[k for k, _ in c.journal.writes].index(first[0])][1]["state"] == "creating"
     assert tags(ec2.describe_vpcs(VpcIds=[vpc])["Vpcs"][0])["dcx:cluster-id"] == "c0ffee01"
 
 
@@ -535,14 +520,8 @@ def aws_cli(moto: str, tmp_path: Path) -> Iterator[tuple[Dcx, list[str]]]:
     """The real CLI with its own home and moto's environment; whatever a test leaves is destroyed."""
     cli = Dcx(tmp_path / "dcx-home")
     cli.env.update(aws_env(moto))
-    clusters: list[str] = []
-    try:
+    with clusters_destroyed_after(cli) as clusters:
         yield cli, clusters
-    finally:
-        for name in clusters:
-            if (cli.home / "clusters" / name).exists():
-                cli.run("cluster", "destroy", name, "--yes", timeout=300)
-        force_cleanup(cli.home, clusters)
 
 
 def test_cli_provision_rerun_and_destroy_without_state(aws_cli: tuple[Dcx, list[str]], moto: str,
@@ -634,9 +613,7 @@ class Booter:
 
 @pytest.mark.e2e
 def test_boot_simulation_to_a_ready_swarm(aws_cli: tuple[Dcx, list[str]], moto: str, tmp_path: Path) -> None:
-    why_not = missing_for_namespace_nodes()
-    if why_not:
-        pytest.skip(f"namespace nodes unavailable: {why_not}")
+    skip_without_namespace_nodes()
     from tests.testbed.boot import BootSimulator
 
     cli, clusters = aws_cli

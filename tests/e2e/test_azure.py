@@ -20,7 +20,8 @@ import pytest
 from ruamel.yaml import YAML
 
 from tests.fakes.arm import ArmFake, make_test_pki
-from tests.testbed.local import Dcx, cloud_cluster_yaml, missing_for_namespace_nodes
+from tests.testbed.journal import MemoryJournal
+from tests.testbed.local import Dcx, cloud_cluster_yaml, clusters_destroyed_after, skip_without_namespace_nodes, write
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -80,19 +81,8 @@ def cli(arm: tuple[ArmFake, str], tmp_path: Path) -> Iterator[tuple[Dcx, list[st
     dcx.env.update(azure_env(fake, secret))
     dcx.env["HOME"] = str(tmp_path / "home")  # no az CLI profile or token cache of this machine
     (tmp_path / "home").mkdir()
-    clusters: list[str] = []
-    try:
+    with clusters_destroyed_after(dcx) as clusters:
         yield dcx, clusters
-    finally:
-        for name in clusters:
-            if (dcx.home / "clusters" / name).exists():
-                dcx.run("cluster", "destroy", name, "--yes", timeout=300)
-
-
-def write(tmp_path: Path, text: str, name: str = "cluster.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
 
 
 def of(fake: ArmFake, rtype: str, cluster: str | None = None) -> dict[str, dict[str, Any]]:
@@ -440,27 +430,17 @@ def test_bad_input_and_missing_credentials_are_one_line(arm: tuple[ArmFake, str]
 def test_mesh_port_only_from_other_networks_nodes(arm: tuple[ArmFake, str], tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The provider in-process (no mocks: real SDK, real fake): the mesh rule has exactly the peers."""
-    import logging
-
     from dcx.providers.azure import AzureProvider
-    from dcx.providers.base import NodeRequest, ProviderContext
+    from dcx.providers.base import NodeRequest
     from dcx.spec import load
 
     fake, secret = arm
     for var, value in azure_env(fake, secret).items():
         monkeypatch.setenv(var, value)
     spec = load(write(tmp_path, azure_yaml("az-mesh", [pool("control", "control", 1)])))
-    resources: dict[str, Any] = {}
-
-    def journal(key: str, value: Any) -> None:
-        if value is None:
-            resources.pop(key, None)
-        else:
-            resources[key] = value
-
-    ctx = ProviderContext(cluster_name=spec.name, cluster_id="0a1b2c3d", ssh_public_key="ssh-ed25519 AAAAtest dcx",
-                          ssh_private_key_path=tmp_path / "key", workdir=tmp_path, journal=journal,
-                          resources=resources, log=logging.getLogger("test"), network=spec.spec.network, spec=spec)
+    journal = MemoryJournal()
+    resources = journal.resources
+    ctx = journal.context(spec.name, "0a1b2c3d", tmp_path, network=spec.spec.network, spec=spec)
     provider = AzureProvider(ctx)
     provider.check_prerequisites()
     pools = spec.spec.pools
@@ -530,13 +510,9 @@ def test_evicted_spot_vm_is_started_again(arm: tuple[ArmFake, str], cli: tuple[D
 # --- boot simulation: from the fake's VMs to a real swarm ------------------------------------------
 
 
-_WHY_NOT = missing_for_namespace_nodes()
-
-
 def test_boot_simulation_reaches_a_ready_swarm(arm: tuple[ArmFake, str], cli: tuple[Dcx, list[str]],
                                                tmp_path: Path) -> None:
-    if _WHY_NOT:
-        pytest.skip(f"namespace hosts unavailable: {_WHY_NOT}")
+    skip_without_namespace_nodes()
     from tests.testbed.boot import BootSimulator, authorized_key_from_user_data
 
     fake, _ = arm

@@ -13,17 +13,15 @@ import pytest
 
 from dcx.netns import LoginUser
 from tests.testbed.lab import Lab
-from tests.testbed.local import Dcx, missing_for_namespace_nodes
+from tests.testbed.local import Dcx, skip_without_namespace_nodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
-WHY_NOT = missing_for_namespace_nodes()
 SUDO_PASSWORD = "correct-horse-battery"
 
 
 @pytest.fixture
 def rack() -> Iterator[Lab]:
-    if WHY_NOT:
-        pytest.skip(f"namespace nodes unavailable: {WHY_NOT}")
+    skip_without_namespace_nodes()
     lab = Lab("bm")
     try:
         lab.network("lan", "10.214.10.0/24", operator_ip="10.214.10.1")
@@ -158,8 +156,7 @@ def test_ansible_inventory_to_swarm_and_back(rack: Lab, tmp_path: Path) -> None:
 def behind_bastion(tmp_path: Path) -> Iterator[tuple[Lab, dict[str, Path]]]:
     """A bastion on the operator's network and one host behind it that accepts only two keys: one
     encrypted with a passphrase, one that will live only in an ssh-agent."""
-    if WHY_NOT:
-        pytest.skip(f"namespace nodes unavailable: {WHY_NOT}")
+    skip_without_namespace_nodes()
     keys = {}
     for name, passphrase in (("encrypted", KEY_PASSPHRASE), ("agent", "")):
         keys[name] = tmp_path / f"id_{name}"

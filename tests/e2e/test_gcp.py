@@ -18,7 +18,8 @@ import pytest
 from ruamel.yaml import YAML
 
 from tests.fakes.gce import GceFake
-from tests.testbed.local import Dcx, cloud_cluster_yaml, missing_for_namespace_nodes
+from tests.testbed.journal import MemoryJournal
+from tests.testbed.local import Dcx, cloud_cluster_yaml, clusters_destroyed_after, skip_without_namespace_nodes, write
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -54,19 +55,8 @@ def cli(gce: GceFake, tmp_path: Path) -> Iterator[tuple[Dcx, list[str]]]:
                    NO_GCE_CHECK="True")
     for var in ("GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CORE_PROJECT", "CLOUDSDK_COMPUTE_ZONE"):
         dcx.env.pop(var, None)
-    clusters: list[str] = []
-    try:
+    with clusters_destroyed_after(dcx) as clusters:
         yield dcx, clusters
-    finally:
-        for name in clusters:
-            if (dcx.home / "clusters" / name).exists():
-                dcx.run("cluster", "destroy", name, "--yes", timeout=300)
-
-
-def write(tmp_path: Path, text: str, name: str = "cluster.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
 
 
 def instances(fake: GceFake, cluster: str) -> dict[str, dict[str, Any]]:
@@ -313,12 +303,8 @@ def test_hundred_node_pool_provision_only(gce: GceFake, cli: tuple[Dcx, list[str
 # --- boot simulation: from the fake's instances to a real swarm ------------------------------------
 
 
-_WHY_NOT = missing_for_namespace_nodes()
-
-
 def test_boot_simulation_reaches_a_ready_swarm(gce: GceFake, cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
-    if _WHY_NOT:
-        pytest.skip(f"namespace hosts unavailable: {_WHY_NOT}")
+    skip_without_namespace_nodes()
     from tests.testbed.boot import BootSimulator, authorized_key_from_user_data
 
     dcx, clusters = cli
@@ -374,27 +360,14 @@ def test_boot_simulation_reaches_a_ready_swarm(gce: GceFake, cli: tuple[Dcx, lis
 
 def provider_for(spec_path: Path, tmp_path: Path) -> tuple[Any, Any, dict[str, Any]]:
     """A GcpProvider as the engine makes it (no mocks: real SDK, real fake), with an in-memory journal."""
-    import logging
-
-    from dcx.providers.base import ProviderContext
     from dcx.providers.gcp import GcpProvider
     from dcx.spec import load
 
     spec = load(spec_path)
-    resources: dict[str, Any] = {}
-
-    def journal(key: str, value: Any) -> None:
-        if value is None:
-            resources.pop(key, None)
-        else:
-            resources[key] = value
-
-    ctx = ProviderContext(cluster_name=spec.name, cluster_id="0a1b2c3d", ssh_public_key="ssh-ed25519 AAAAtest dcx",
-                          ssh_private_key_path=tmp_path / "key", workdir=tmp_path, journal=journal,
-                          resources=resources, log=logging.getLogger("test"), network=spec.spec.network, spec=spec)
-    provider = GcpProvider(ctx)
+    journal = MemoryJournal()
+    provider = GcpProvider(journal.context(spec.name, "0a1b2c3d", tmp_path, network=spec.spec.network, spec=spec))
     provider.check_prerequisites()
-    return provider, spec, resources
+    return provider, spec, journal.resources
 
 
 def test_mesh_port_only_from_other_providers_nodes(gce: GceFake, tmp_path: Path,
@@ -444,9 +417,7 @@ def test_a_provider_dropped_from_the_spec_loses_everything_it_made(gce: GceFake,
                                                                   tmp_path: Path) -> None:
     """Machines on GCE joined a cluster whose control node is local; the gcp pool leaves the spec: its
     instances go at the next create, then its firewalls and network, as Terraform would destroy them."""
-    why_not = missing_for_namespace_nodes()
-    if why_not:
-        pytest.skip(f"namespace nodes unavailable: {why_not}")
+    skip_without_namespace_nodes()
     dcx, clusters = cli
     name = "dropgcp"
     clusters.append(name)
@@ -471,9 +442,7 @@ def test_destroy_by_name_finds_a_provider_the_spec_no_longer_names(gce: GceFake,
                                                                    tmp_path: Path) -> None:
     """The last applied spec has no gcp pool, but the cluster still has gcp instances (they were
     provisioned, then the pool was dropped before a full create): `destroy NAME` removes them too."""
-    why_not = missing_for_namespace_nodes()
-    if why_not:
-        pytest.skip(f"namespace nodes unavailable: {why_not}")
+    skip_without_namespace_nodes()
     dcx, clusters = cli
     name = "dropped"
     clusters.append(name)

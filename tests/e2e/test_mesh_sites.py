@@ -17,16 +17,14 @@ from pathlib import Path
 import pytest
 
 from tests.testbed.lab import Lab
-from tests.testbed.local import Dcx, missing_for_namespace_nodes, wait_for
+from tests.testbed.local import Dcx, skip_without_namespace_nodes, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
-WHY_NOT = missing_for_namespace_nodes()
 
 
 @pytest.fixture
 def sites() -> Iterator[Lab]:
-    if WHY_NOT:
-        pytest.skip(f"namespace nodes unavailable: {WHY_NOT}")
+    skip_without_namespace_nodes()
     lab = Lab("mesh")
     try:
         lab.network("inet", "10.214.100.0/24", operator_ip="10.214.100.1")

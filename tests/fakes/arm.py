@@ -41,10 +41,12 @@ import ssl
 import threading
 import uuid
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
+
+from tests.fakes.server import LoopbackServer
 
 PUBLIC_POOL = "203.0.113.0/24"  # documentation range: never routed
 RESERVED_ADMIN_NAMES = {"administrator", "admin", "user", "user1", "test", "user2", "test1", "user3", "admin1",
@@ -137,7 +139,7 @@ class Operation:
         self.error: ArmError | None = None
 
 
-class ArmFake:
+class ArmFake(LoopbackServer):
     """The fake's state and its HTTPS server. Use as a context manager (or start()/close())."""
 
     def __init__(self, pki: tuple[Path, Path, Path], subscriptions: tuple[str, ...], tenant: str, client_id: str,
@@ -164,37 +166,11 @@ class ArmFake:
         self._gate_max_polls = 400
         self._vm_puts = 0
         self._public = itertools.islice(ipaddress.ip_network(PUBLIC_POOL).hosts(), 10, None)
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.server.daemon_threads = True
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         tls.load_cert_chain(cert_file, key_file)
-        # The handshake happens in the request's thread (see the handler's setup), not in accept().
-        self.server.socket = tls.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
-        self._thread: threading.Thread | None = None
+        super().__init__(_handler(self), "arm-fake", tls)
 
-    # --- lifecycle and test API -----------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"https://{host}:{port}"
-
-    def start(self) -> ArmFake:
-        self._thread = threading.Thread(target=self.server.serve_forever, name="arm-fake", daemon=True)
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        if self._thread:
-            self._thread.join(timeout=10)
-
-    def __enter__(self) -> ArmFake:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    # --- test API --------------------------------------------------------------------------------
 
     def throttle_next(self, n: int, path_contains: str = "/subscriptions/") -> None:
         """Answer the next n ARM requests whose path contains `path_contains` with 429 + Retry-After: 1."""

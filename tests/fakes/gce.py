@@ -26,10 +26,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fakes.server import LoopbackServer
 
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 ZONE_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
@@ -69,7 +71,7 @@ def not_found(path: str) -> ApiError:
     return ApiError(404, "notFound", f"The resource '{path}' was not found")
 
 
-class GceFake:
+class GceFake(LoopbackServer):
     """The fake's state and its HTTP server. Use as a context manager (or start()/close())."""
 
     def __init__(self, projects: tuple[str, ...] = ("dcx-test",), regions: tuple[str, ...] = DEFAULT_REGIONS,
@@ -94,33 +96,9 @@ class GceFake:
         self.on_insert: Callable[[dict[str, Any]], None] | None = None
         self.on_delete: Callable[[dict[str, Any]], None] | None = None
         self._public_key_pem: bytes | None = None
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.server.daemon_threads = True
-        self._thread: threading.Thread | None = None
+        super().__init__(_handler(self), "gce-fake")
 
-    # --- lifecycle and test API -----------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> GceFake:
-        self._thread = threading.Thread(target=self.server.serve_forever, name="gce-fake", daemon=True)
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        if self._thread:
-            self._thread.join(timeout=10)
-
-    def __enter__(self) -> GceFake:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    # --- test API --------------------------------------------------------------------------------
 
     def fail_next(self, n: int, status: int = 429, path_contains: str = "", after: bool = False) -> None:
         """Answer the next `n` Compute requests (whose path contains `path_contains`) with `status`.

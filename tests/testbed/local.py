@@ -4,6 +4,8 @@ failure or a killed dcx."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -11,15 +13,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from dcx import netns
 
 REGISTRY = Path("/run/dcx/local")
 
 
+@functools.cache  # the probe makes and removes a namespace: once per test session is enough
 def missing_for_namespace_nodes() -> str | None:
     """Why namespace-node tests cannot run here, or None when they can."""
     if os.geteuid() != 0:
@@ -35,6 +40,13 @@ def missing_for_namespace_nodes() -> str | None:
         return f"cannot create network namespaces here: {probe.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", "dcx-probe"], capture_output=True)
     return None
+
+
+def skip_without_namespace_nodes() -> None:
+    """Skip the calling test or fixture, with the reason printed, where namespace nodes cannot run."""
+    why = missing_for_namespace_nodes()
+    if why:
+        pytest.skip(f"namespace nodes unavailable: {why}")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -110,6 +122,26 @@ def leftovers(cluster_id: str, cluster: str) -> list[str]:
     return found
 
 
+@contextlib.contextmanager
+def clusters_destroyed_after(cli: Dcx) -> Iterator[list[str]]:
+    """The list a test appends its cluster names to. Afterwards, whatever the test left (it failed, dcx
+    was killed): each cluster that still has state is destroyed, then `force_cleanup` sweeps."""
+    clusters: list[str] = []
+    try:
+        yield clusters
+    finally:
+        for name in clusters:
+            if (cli.home / "clusters" / name).exists():
+                cli.run("cluster", "destroy", name, "--yes", timeout=300)
+        force_cleanup(cli.home, clusters)
+
+
+def write(tmp_path: Path, text: str, name: str = "cluster.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
 def force_cleanup(home: Path, clusters: list[str]) -> None:
     """The safety net behind every e2e test: remove what `dcx destroy` should have, by name and id."""
     ids = set()
@@ -130,7 +162,7 @@ def force_cleanup(home: Path, clusters: list[str]) -> None:
             # Only bridges of this test's clusters: their names derive from the cluster id.
             if any(_bridge_of(link.name, i, home) for i in ids):
                 netns.delete_bridge(link.name)
-    for name in clusters:
+    for name in clusters if shutil.which("docker") else []:
         subprocess.run(["docker", "context", "rm", "-f", f"dcx-{name}"], capture_output=True)
 
 
