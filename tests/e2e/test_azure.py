@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -519,15 +516,11 @@ def test_boot_simulation_reaches_a_ready_swarm(arm: tuple[ArmFake, str], cli: tu
     dcx, clusters = cli
     name = "az-boot"
     clusters.append(name)
-    booting: list[Future[None]] = []
-    lock = threading.Lock()
-    with BootSimulator(SUBNET, tag="azure") as sim, ThreadPoolExecutor(max_workers=4) as pool_:
+    with BootSimulator(SUBNET, tag="azure") as sim:
         def on_created(vm: dict[str, Any], private_ip: str, custom_data: str) -> None:
-            # The machine boots after the API says Succeeded: dcx's Connect phase waits for its SSH.
             user = YAML(typ="safe").load(custom_data)["users"][1]["name"]  # the login user cloud-init makes
-            with lock:
-                booting.append(pool_.submit(sim.boot, vm["name"], private_ip,
-                                            authorized_key_from_user_data(custom_data), vm["name"], user))
+            sim.boot_in_background(vm["name"], private_ip, authorized_key_from_user_data(custom_data), vm["name"],
+                                   user)
 
         fake.on_vm_created = on_created
         fake.on_vm_deleted = lambda vm: sim.halt(vm["name"])
@@ -536,17 +529,9 @@ def test_boot_simulation_reaches_a_ready_swarm(arm: tuple[ArmFake, str], cli: tu
                                                      pool("workers", "worker", 2, sshAddress="private")],
                                               ssh_cidr=VNET, user="ubuntu"))
             r = dcx.run("cluster", "create", "-f", str(spec), timeout=600)
-            for f in booting:
-                f.result(timeout=120)  # a boot that failed shows its own error
+            sim.wait_for_boots()
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-            status = dcx.json("cluster", "status", name)
-            assert status["healthy"] is True
-            assert sorted(n["name"] for n in status["nodes"]) == [f"{name}-control-1", f"{name}-workers-1",
-                                                                  f"{name}-workers-2"]
-            assert all(n["ready"] for n in status["nodes"])
-            assert all(n["address"].startswith("10.214.48.") for n in status["nodes"])
-            assert len(sim.hosts) == 3
-            assert {n["ssh_user"] for n in dcx.state(name)["nodes"].values()} == {"ubuntu"}
+            sim.assert_ready_swarm(dcx, name, "10.214.48.")
             assert {vm["properties"]["osProfile"]["adminUsername"] for vm in of(fake, VM, name).values()} == {"ubuntu"}
 
             r = dcx.run("cluster", "destroy", name, "--yes", timeout=300)
@@ -557,6 +542,3 @@ def test_boot_simulation_reaches_a_ready_swarm(arm: tuple[ArmFake, str], cli: tu
             fake.on_vm_created = None
             if (dcx.home / "clusters" / name).exists():
                 dcx.run("cluster", "destroy", name, "--yes", timeout=300)
-            for f in booting:
-                f.exception(timeout=120)
-            subprocess.run(["docker", "context", "rm", "-f", f"dcx-{name}"], capture_output=True)

@@ -8,9 +8,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -311,16 +309,12 @@ def test_boot_simulation_reaches_a_ready_swarm(gce: GceFake, cli: tuple[Dcx, lis
     name = "gcp-boot"
     clusters.append(name)
     subnet = "10.214.34.0/24"
-    booting: list[Future[None]] = []
-    lock = threading.Lock()
-    with BootSimulator(subnet, tag="gcp") as sim, ThreadPoolExecutor(max_workers=4) as pool_:
+    with BootSimulator(subnet, tag="gcp") as sim:
         def on_insert(inst: dict[str, Any]) -> None:
             meta = {i["key"]: i["value"] for i in inst["metadata"]["items"]}
-            # A machine boots after the API says RUNNING: dcx's Connect phase waits for its SSH.
-            with lock:
-                user = meta["ssh-keys"].split(":", 1)[0]  # the login user, as the guest agent makes it
-                booting.append(pool_.submit(sim.boot, inst["name"], inst["networkInterfaces"][0]["networkIP"],
-                                            authorized_key_from_user_data(meta["user-data"]), inst["name"], user))
+            user = meta["ssh-keys"].split(":", 1)[0]  # the login user, as the guest agent makes it
+            sim.boot_in_background(inst["name"], inst["networkInterfaces"][0]["networkIP"],
+                                   authorized_key_from_user_data(meta["user-data"]), inst["name"], user)
 
         gce.on_insert = on_insert
         gce.on_delete = lambda inst: sim.halt(inst["name"])
@@ -331,17 +325,9 @@ def test_boot_simulation_reaches_a_ready_swarm(gce: GceFake, cli: tuple[Dcx, lis
                                                         sshAddress="private")], ssh_cidr="10.214.32.0/20",
                                             user="ubuntu"))  # Ubuntu images' login user: sudo, not root
             r = dcx.run("cluster", "create", "-f", str(spec), timeout=600)
-            for f in booting:
-                f.result(timeout=120)  # a boot that failed shows its own error
+            sim.wait_for_boots()
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-            status = dcx.json("cluster", "status", name)
-            assert status["healthy"] is True
-            assert sorted(n["name"] for n in status["nodes"]) == [f"{name}-control-1", f"{name}-workers-1",
-                                                                  f"{name}-workers-2"]
-            assert all(n["ready"] for n in status["nodes"])
-            assert all(n["address"].startswith("10.214.34.") for n in status["nodes"])
-            assert len(sim.hosts) == 3
-            assert {n["ssh_user"] for n in dcx.state(name)["nodes"].values()} == {"ubuntu"}
+            sim.assert_ready_swarm(dcx, name, "10.214.34.")
 
             r = dcx.run("cluster", "destroy", name, "--yes", timeout=300)
             assert r.returncode == 0, r.stderr
@@ -351,8 +337,6 @@ def test_boot_simulation_reaches_a_ready_swarm(gce: GceFake, cli: tuple[Dcx, lis
             gce.on_insert = None
             if (dcx.home / "clusters" / name).exists():
                 dcx.run("cluster", "destroy", name, "--yes", timeout=300)
-            for f in booting:
-                f.exception(timeout=120)
 
 
 # --- the provider in-process: mesh rules between providers ---------------------------------------

@@ -10,8 +10,10 @@ import re
 import shutil
 import tempfile
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from dcx import netns
 
@@ -34,6 +36,8 @@ class BootSimulator:
         self.hosts: dict[str, str] = {}  # instance id -> netns
         self._lock = threading.Lock()
         self.booted: list[str] = []
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"boot-{tag}")
+        self._booting: list[Future[None]] = []
         netns.ensure_bridge(self.bridge, f"{next(self.subnet.hosts())}/{self.subnet.prefixlen}")
 
     def boot(self, instance_id: str, ip: str, authorized_key: str, hostname: str, login_user: str = "root") -> None:
@@ -49,6 +53,21 @@ class BootSimulator:
             users=[] if login_user == "root" else [netns.LoginUser(login_user)]))
         self.booted.append(instance_id)
 
+    def boot_in_background(self, instance_id: str, ip: str, authorized_key: str, hostname: str,
+                           login_user: str = "root") -> None:
+        """`boot`, without holding up the caller: the cloud API answers before the machine is up, as
+        in life (dcx's Connect phase waits for its SSH)."""
+        future = self._pool.submit(self.boot, instance_id, ip, authorized_key, hostname, login_user)
+        with self._lock:
+            self._booting.append(future)
+
+    def wait_for_boots(self, timeout: float = 120) -> None:
+        """Wait for every background boot; one that failed raises its own error."""
+        with self._lock:
+            booting = list(self._booting)
+        for future in booting:
+            future.result(timeout=timeout)
+
     def halt(self, instance_id: str) -> None:
         with self._lock:
             ns = self.hosts.pop(instance_id, None)
@@ -56,6 +75,7 @@ class BootSimulator:
             netns.stop_host(ns, self.workdir / ns)
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)  # a boot under way finishes, so that it is halted below
         for instance_id in list(self.hosts):
             self.halt(instance_id)
         netns.delete_bridge(self.bridge)
@@ -63,6 +83,19 @@ class BootSimulator:
 
     def __enter__(self) -> BootSimulator:
         return self
+
+    def assert_ready_swarm(self, dcx: Any, cluster: str, address_prefix: str) -> dict[str, Any]:
+        """After `create` on these machines: healthy, control-1 and workers-1..2 Ready at addresses of
+        the subnet, one machine each, logged in as ubuntu (cloud images' user). Returns the status."""
+        status = dcx.json("cluster", "status", cluster)
+        assert status["healthy"] is True
+        assert sorted(n["name"] for n in status["nodes"]) == [f"{cluster}-control-1", f"{cluster}-workers-1",
+                                                              f"{cluster}-workers-2"]
+        assert all(n["ready"] for n in status["nodes"])
+        assert all(n["address"].startswith(address_prefix) for n in status["nodes"])
+        assert len(self.hosts) == 3
+        assert {n["ssh_user"] for n in dcx.state(cluster)["nodes"].values()} == {"ubuntu"}
+        return status
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
