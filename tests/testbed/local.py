@@ -43,10 +43,39 @@ def missing_for_namespace_nodes() -> str | None:
 
 
 def skip_without_namespace_nodes() -> None:
-    """Skip the calling test or fixture, with the reason printed, where namespace nodes cannot run."""
+    """Skip the calling test or fixture, with the reason printed, where namespace nodes cannot run.
+    Otherwise the first call of a test session takes this machine's namespace-test lock (held until the
+    session ends) and removes what an interrupted earlier run left."""
     why = missing_for_namespace_nodes()
     if why:
         pytest.skip(f"namespace nodes unavailable: {why}")
+    _exclusive_namespace_session()
+
+
+SESSION_LOCK = Path("/run/dcx-tests.lock")
+
+
+@functools.cache
+def _exclusive_namespace_session() -> None:
+    """Two test sessions on one machine (two developers, a developer and CI) must not sweep each other's
+    hosts: the one that comes second waits here, then sweeps what is truly left over."""
+    import fcntl
+
+    handle = open(SESSION_LOCK, "a+")  # noqa: SIM115 - held open (and locked) for the process's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"\nwaiting for another test session's namespace hosts ({SESSION_LOCK})", file=sys.__stderr__,
+              flush=True)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    _SESSION_LOCK_HANDLES.append(handle)
+    removed = sweep_interrupted_runs()
+    if removed:
+        print("\nremoved what an interrupted earlier run left: " + ", ".join(removed), file=sys.__stderr__,
+              flush=True)
+
+
+_SESSION_LOCK_HANDLES: list[Any] = []
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -173,7 +202,7 @@ def sweep_interrupted_runs() -> list[str]:
     """What an earlier test run left when it was killed before its teardowns (a lost machine, a restarted
     sandbox): test-only namespace hosts, local nodes whose home is a pytest directory, and dcx bridges
     with no ports that no remaining local node uses (a bridge left behind takes the traffic of any later
-    bridge on its subnet). Run once before the e2e tests; not safe beside another test run on this host.
+    bridge on its subnet). Run under the namespace-test lock (see _exclusive_namespace_session).
     Returns what it removed."""
     removed = []
     pytest_dirs = str(Path(tempfile.gettempdir()) / "pytest-of-")
