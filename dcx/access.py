@@ -5,7 +5,8 @@
 - `ssh/config`: a Host entry per node plus `dcx-NAME` for the first manager, with the cluster key.
 - `~/.ssh/config` gets one `Include` line for every dcx cluster's ssh/config (added once, after a
   backup; `DCX_NO_SSH_CONFIG=1` skips it), because docker's SSH transport can only use the user's
-  ssh configuration.
+  ssh configuration. It goes when the last cluster of its DCX_HOME is destroyed, and is never added
+  for a DCX_HOME that other users can write to (their files would become the user's ssh settings).
 - a docker context `dcx-NAME` (`host=ssh://dcx-NAME`), so `docker --context dcx-NAME service ls` works.
 - k3s: the kubeconfig the engine fetched (kept 0600 in the cluster directory) merged into the user's
   kubeconfig under the context `dcx-NAME`, without switching the current context (`DCX_NO_KUBECONFIG=1`
@@ -22,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from dcx.log import log
-from dcx.state import ClusterDir, ClusterState, atomic_write, dcx_home, ensure_private_dir
+from dcx.state import ClusterDir, ClusterState, StateStore, atomic_write, dcx_home, ensure_private_dir
 
-INCLUDE_MARK = "# added by dcx: per-cluster ssh settings"
+INCLUDE_MARK = "# added by dcx: per-cluster ssh settings"  # written above the Include by earlier versions
 
 
 def context_name(cluster: str) -> str:
@@ -74,27 +75,63 @@ def ssh_config_text(cdir: ClusterDir, state: ClusterState, manager: str | None) 
 
 
 def user_ssh_config() -> Path:
+    """The user's ssh config (DCX_SSH_CONFIG names another, as for reading it in dcx.sshconfig)."""
+    if os.environ.get("DCX_SSH_CONFIG"):
+        return Path(os.environ["DCX_SSH_CONFIG"])
     # ssh reads the home directory from the password database, not $HOME; so do we.
     import pwd
 
     return Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh" / "config"
 
 
-def ensure_include() -> bool:
-    """Add `Include <DCX_HOME>/clusters/*/ssh/config` at the top of ~/.ssh/config, once."""
+def include_line(home: Path | None = None) -> str:
+    return f"Include {home or dcx_home()}/clusters/*/ssh/config"
+
+
+def ensure_include(warn: Any = None) -> bool:
+    """Add `Include <DCX_HOME>/clusters/*/ssh/config` at the top of ~/.ssh/config: one line, once.
+    Refused (with a warning through `warn`) when others can write under DCX_HOME."""
     if os.environ.get("DCX_NO_SSH_CONFIG"):
         return False
+    unsafe = StateStore(dcx_home()).others_writable()
+    if unsafe:
+        if warn is not None:
+            warn(f"warning: not adding an Include of {dcx_home()} to {user_ssh_config()}: {unsafe}, so its "
+                 f"files could set your ssh options; use `ssh -F` with the cluster's ssh/config instead")
+        return False
     config = user_ssh_config()
-    include = f"Include {dcx_home()}/clusters/*/ssh/config"
+    include = include_line()
     text = config.read_text() if config.exists() else ""
-    if include in text:
+    if include in text.splitlines():
         return True
     ensure_private_dir(config.parent)
     if config.exists():
-        shutil.copy2(config, config.with_name("config.dcx-backup"))
+        shutil.copy2(config, config.with_name(config.name + ".dcx-backup"))
     # At the top: an Include after a Host block would only apply inside that block.
-    atomic_write(config, f"{INCLUDE_MARK}\n{include}\n\n{text}", 0o600)
+    atomic_write(config, f"{include}\n{text}", 0o600)
     return True
+
+
+def remove_include(home: Path) -> None:
+    """Take this DCX_HOME's Include line (and the comment earlier versions put above it) out of the
+    user's ssh config; nothing else in the file changes."""
+    config = user_ssh_config()
+    try:
+        lines = config.read_text().splitlines(keepends=True)
+    except (FileNotFoundError, UnicodeDecodeError):
+        return
+    include = include_line(home)
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        if line.rstrip("\n") == include:
+            if out and out[-1].rstrip("\n") == INCLUDE_MARK:
+                out.pop()
+                if i + 1 < len(lines) and not lines[i + 1].strip():
+                    lines[i + 1] = ""  # the blank line that followed the old two-line form
+            continue
+        out.append(line)
+    if len(out) != len(lines) or "".join(out) != "".join(lines):
+        atomic_write(config, "".join(out), 0o600)
 
 
 def setup(cdir: ClusterDir, spec: Any, ctx: Any, state: ClusterState) -> dict[str, str]:
@@ -103,7 +140,7 @@ def setup(cdir: ClusterDir, spec: Any, ctx: Any, state: ClusterState) -> dict[st
     write_known_hosts(cdir, state.host_keys)
     atomic_write(cdir.ssh_dir / "config", ssh_config_text(cdir, state, manager), 0o600)
     info = {"ssh_config": str(cdir.ssh_dir / "config")}
-    included = ensure_include()
+    included = ensure_include(getattr(getattr(ctx, "reporter", None), "note", None))
     if spec.spec.engine.type == "swarm" and manager:
         name = context_name(state.name)
         info["docker_context"] = name if included and _docker_context(name) else ""
@@ -173,3 +210,5 @@ def teardown(cdir: ClusterDir, cluster: str) -> None:
     (cdir.ssh_dir / "config").unlink(missing_ok=True)
     if not os.environ.get("DCX_NO_KUBECONFIG"):
         remove_kubeconfig(cdir, cluster)
+    if not [n for n in StateStore(cdir.root).names() if n != cluster]:
+        remove_include(cdir.root)  # the last cluster of this DCX_HOME: nothing left to include

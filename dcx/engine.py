@@ -18,10 +18,10 @@ from dcx.bootstrap.engines import ClusterEngine, NodeHealth, get_engine
 from dcx.bootstrap.phases import Host, Phase, Reporter, RunContext, run_phases
 from dcx.bootstrap.runtime import GatherFacts, InstallRuntime, RemoveDcxFiles, SetHostname, StartRuntime
 from dcx.bootstrap.ssh import HostKeyStore, Sessions, Target, connect_with_retry
-from dcx.errors import DcxError, OperationFailed
+from dcx.errors import DcxError, InputError, OperationFailed
 from dcx.log import log, start_run_log, stop_run_log
 from dcx.plan import Plan, make_plan, validate_provider_settings
-from dcx.providers.base import Node, NodeRequest, Provider, ProviderContext
+from dcx.providers.base import FoundCluster, Node, NodeRequest, Provider, ProviderContext
 from dcx.providers.registry import provider_class
 from dcx.spec import ClusterSpec
 from dcx.state import ClusterDir, ClusterState, StateStore, new_cluster_id, now_iso
@@ -398,31 +398,59 @@ def plan(spec: ClusterSpec, store: StateStore | None = None) -> Plan:
 
 def cluster_health(session: Session, spec: ClusterSpec | None, nodes: list[Node], options: Options,
                    with_mesh: bool = False) -> tuple[dict[str, NodeHealth], dict[str, dict[str, Any]]]:
-    """How the engine sees every node, and (with_mesh, when the cluster has a mesh) each node's mesh
-    peers, over one set of connections."""
+    """How every node is: asked of the node itself (SSH, its container runtime answering, and with_mesh
+    its mesh peers answering now) and of the engine (through a control node that answered), over one set
+    of connections. A node is ready only when both say so."""
+    from dcx.hostcheck import probe_nodes
+
     assert session.state is not None
     engine_type = spec.spec.engine.type if spec else session.state.engine
+    engine = get_engine(engine_type)
     ctx = build_context(session, spec or _spec_stub(session.state), nodes, options)
     try:
+        addresses = mesh_addresses(session, ctx) if with_mesh else {}
+        probes = probe_nodes(ctx.hosts, ctx.parallel, engine.uses_docker, addresses)
         try:
-            health = get_engine(engine_type).health(ctx)
+            health = engine.health(answered_context(ctx, probes))
         except DcxError as exc:
             health = {n.name: NodeHealth(n.name, False, state="unknown", detail=exc.message) for n in nodes}
-        return health, (mesh_status(session, ctx) if with_mesh else {})
+        for name, probe in probes.items():
+            health[name] = merge_probe(health.get(name) or NodeHealth(name, False, state="absent"), probe)
+        mesh = {name: probe["mesh"] for name, probe in probes.items() if "mesh" in probe}
+        return health, mesh
     finally:
         ctx.sessions.close()
 
 
-def mesh_status(session: Session, ctx: RunContext) -> dict[str, dict[str, Any]]:
-    """Mesh health per node, when the cluster has a mesh (its addresses are recorded in state)."""
-    from dcx.bootstrap.mesh import mesh_health
+def answered_context(ctx: RunContext, probes: dict[str, dict[str, Any]]) -> RunContext:
+    """The engine is asked through control nodes that answered: one that did not would only make it wait
+    for SSH again. The others stay in the context (the engine reports on them by name) as non-control."""
+    import dataclasses
 
+    hosts = [h if probes.get(h.name, {}).get("ssh") == "ok" or h.node.role != "control"
+             else dataclasses.replace(h, node=dataclasses.replace(h.node, role="worker")) for h in ctx.hosts]
+    return dataclasses.replace(ctx, hosts=hosts)
+
+
+def merge_probe(health: NodeHealth, probe: dict[str, Any]) -> NodeHealth:
+    """The engine's view of a node, overruled by what the node itself said."""
+    engine_view = f"{health.state or 'unknown'}{': ' + health.detail if health.detail else ''}"
+    if probe.get("ssh") != "ok":
+        health.ready, health.state, health.detail = False, "unreachable", f"{probe.get('ssh')} (engine: {engine_view})"
+    elif probe.get("runtime") == "down":
+        health.ready, health.state = False, "runtime down"
+        health.detail = f"docker does not answer on its socket (engine: {engine_view})"
+    health.extra["probe"] = {k: v for k, v in probe.items() if k != "mesh"}
+    return health
+
+
+def mesh_addresses(session: Session, ctx: RunContext) -> dict[str, str]:
+    """The cluster's mesh addresses (recorded in state when it has a mesh) of the nodes in ctx."""
     assert session.state is not None
     prefix = "mesh/address/"
     names = {h.name for h in ctx.hosts}
-    addresses = {k[len(prefix):]: v for k, v in session.state.resources.items()
-                 if k.startswith(prefix) and k[len(prefix):] in names}
-    return mesh_health(ctx, addresses) if addresses else {}
+    return {k[len(prefix):]: v for k, v in session.state.resources.items()
+            if k.startswith(prefix) and k[len(prefix):] in names}
 
 
 def _spec_stub(state: ClusterState) -> Any:
@@ -450,11 +478,12 @@ def status(name: str, store: StateStore | None = None) -> dict[str, Any]:
             "private_address": n.private_address, "ready": bool(h and h.ready),
             "state": h.state if h else "unknown", "detail": h.detail if h else "",
             "leader": bool(h and h.extra.get("leader")),
+            "checks": h.extra.get("probe", {}) if h else {},
         }
         if mesh:
             row["mesh"] = mesh.get(n.name, {})
         rows.append(row)
-    mesh_ok = all(r["mesh"].get("peers_up") == r["mesh"].get("peers_expected") for r in rows if "mesh" in r)
+    mesh_ok = all(r["mesh"].get("link") == "up" and not r["mesh"].get("peers_down") for r in rows if "mesh" in r)
     return {
         "name": state.name, "id": state.id, "engine": state.engine, "status": state.status,
         "healthy": bool(rows) and all(r["ready"] for r in rows) and mesh_ok and state.status == "ready",
@@ -479,9 +508,48 @@ def list_clusters(store: StateStore | None = None) -> list[dict[str, Any]]:
     return out
 
 
+class SeveralClusters(InputError):
+    """`destroy -f` without state found more than one cluster of the name: one is chosen by id."""
+
+    def __init__(self, name: str, found: list[FoundCluster]) -> None:
+        ids = sorted({c.id for c in found})
+        super().__init__(f"{len(ids)} clusters named '{name}' exist and there is no local state to tell which",
+                         hint="pass --cluster-id ID with one of the ids listed")
+        self.found = found
+
+
+def choose_cluster(session: Session, spec: ClusterSpec, name: str, cluster_id: str) -> tuple[str, list[str]] | None:
+    """Without state: the id of the one cluster of this name the spec's providers see (or the one
+    given), and the providers to destroy with it. Providers that cannot list clusters (no
+    find_clusters) sweep by name only when no provider found any cluster. None: nothing found."""
+    found: list[FoundCluster] = []
+    blind: list[str] = []
+    groups = pools_by_provider(spec)
+    for pname, pools in groups.items():
+        provider = session.provider(pname, spec)
+        if type(provider).find_clusters is Provider.find_clusters:
+            blind.append(pname)
+        else:
+            found += provider.find_clusters(pools)
+    ids = sorted({c.id for c in found})
+    if cluster_id:
+        if ids and cluster_id not in ids:
+            raise InputError(f"no cluster named '{name}' with id {cluster_id} found (found: {', '.join(ids)})")
+        if not ids and not blind:
+            return None
+        return cluster_id, sorted(groups)
+    if len(ids) > 1:
+        raise SeveralClusters(name, found)
+    if ids:
+        return ids[0], sorted(groups)
+    return ("", blind) if blind else None
+
+
 def destroy(name: str | None, spec: ClusterSpec | None, options: Options, store: StateStore | None = None,
-            ) -> list[str]:
-    """Remove every node and resource of the cluster. With a spec and no state, sweep by name/tags."""
+            cluster_id: str = "") -> list[str]:
+    """Remove every node and resource of the cluster. With a spec and no state, the cluster is found
+    by the providers' tags (find_clusters) and destroyed by its id; several of the name: SeveralClusters,
+    unless `cluster_id` picks one."""
     store = store or StateStore()
     reporter = options.reporter or _null_reporter()
     name = name or (spec.name if spec else None)
@@ -490,25 +558,40 @@ def destroy(name: str | None, spec: ClusterSpec | None, options: Options, store:
         validate_provider_settings(spec)
     removed: list[str] = []
     with open_session(store, name, "destroy", reporter) as session:
+        if spec is not None and (aside := session.cdir.set_aside_if_damaged()):  # the spec alone suffices
+            reporter.note(f"warning: the state was damaged (moved to {aside}); destroying from the spec")
         if session.cdir.exists():
             state = session.load_or_new(None)
             if spec is None:
                 spec = _spec_stub(state)
         else:
             if spec is None:
-                raise DcxError(f"no cluster named '{name}'", hint="pass -f FILE to sweep by name without local state")
-            # No state: an empty id makes providers sweep by the cluster's name alone.
+                raise InputError(f"no cluster named '{name}' (pass -f FILE to sweep by name without local state)")
+            # No state: the id comes from what the providers find (choose_cluster, below).
             session.state = ClusterState(name=name, id="", engine=spec.spec.engine.type)
         assert session.state is not None and spec is not None
+        stateless = not session.state.id
         session.state.status = "destroying"
         if session.cdir.path.exists():
             session.save()
         session.key_path, session.public_key = session.cdir.ensure_ssh_key()
+        only: list[str] | None = None
+        if stateless:
+            chosen = choose_cluster(session, spec, name, cluster_id)
+            if chosen is None:
+                reporter.note(f"no cluster named '{name}' found in the spec's providers")
+                only = []
+            else:
+                session.state.id, only = chosen
+                for pname in only:  # providers made while looking now act on that id
+                    session.provider(pname, spec).ctx.cluster_id = session.state.id
         groups = pools_by_provider(spec)
         # Providers the spec no longer names may still hold nodes or resources of this cluster.
         for pname in recorded_providers(session.state):
             groups.setdefault(pname, [])
         for pname, pools in groups.items():
+            if only is not None and pname not in only:
+                continue
             provider = session.provider(pname, spec)
             reporter.note(f"destroying {pname} resources")
             nodes = provider.list_nodes(pools) if session.state.id else []
@@ -587,29 +670,19 @@ logging.getLogger("dcx").addHandler(logging.NullHandler())
 
 def run_on_nodes(name: str, command: str, stdin: bytes | None = None, nodes: list[str] | None = None,
                  options: Options | None = None, store: StateStore | None = None) -> list[tuple[str, int, str]]:
-    """Run one command on every node of a recorded cluster (or the named ones), in parallel.
-    Returns (node, exit code, last output lines) per node; raises when a node cannot be reached."""
-    from dcx.bootstrap.ssh import fan_out
+    """Run one command (as root) on every node of a recorded cluster (or the named ones), in parallel,
+    through the fleet code `dcx node run` uses. Returns (node, exit code, last output lines) per node;
+    raises when a node cannot be reached or the command does not finish."""
+    from dcx import fleet
+    from dcx.bootstrap.ssh import Result
 
-    store = store or StateStore()
     options = options or Options(ssh_timeout=30)
-    session = Session(store, name, "run", _null_reporter())
-    state = session.cdir.load()
-    session.state = state
-    chosen = [Node.from_dict(d) for n, d in sorted(state.nodes.items()) if nodes is None or n in nodes]
-    ctx = build_context(session, _spec_stub(state), chosen, options)
-    try:
-        def one(host: Host) -> tuple[str, int, str]:
-            connect_with_retry(host.conn, options.ssh_timeout)
-            result = host.run(command, stdin=stdin, timeout=600)
-            return host.name, result.exit_code, result.tail()
-
-        out = []
-        for host, result, error in fan_out(one, ctx.hosts, options.parallel):
-            if error is not None:
-                raise OperationFailed(f"{host.name}: {getattr(error, 'message', error)}")
-            assert result is not None
-            out.append(result)
-        return out
-    finally:
-        ctx.sessions.close()
+    with fleet.connections(name, fleet.Selection(nodes=list(nodes or [])), parallel=options.parallel,
+                           become_password=options.become_password, key_passphrase=options.key_passphrase,
+                           store=store) as ctx:
+        results = fleet.run_command(ctx, command, sudo=True, timeout=600, connect_timeout=options.ssh_timeout,
+                                    stdin=stdin)
+    for r in results:
+        if r.exit_code is None:
+            raise OperationFailed(f"{r.node}: {r.error}")
+    return [(r.node, r.exit_code or 0, Result(r.exit_code or 0, r.stdout, r.stderr).tail()) for r in results]

@@ -61,3 +61,19 @@ class PrerequisiteMissing(DcxError):
     """Something this machine lacks (a package, root). Exit 2: the user must change their setup."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+def read_problem(exc: BaseException) -> str:
+    """What went wrong reading a file, in words (never a Python class name)."""
+    import errno
+
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+    if isinstance(exc, OSError):
+        words = {errno.EISDIR: "is a directory, not a file", errno.ELOOP: "is a symlink loop",
+                 errno.EACCES: "permission denied", errno.ENAMETOOLONG: "file name too long",
+                 errno.ENOTDIR: "a part of the path is not a directory", errno.ENOENT: "file not found"}
+        return words.get(exc.errno or 0) or (exc.strerror or "cannot be read").lower()
+    if isinstance(exc, ValueError):
+        return str(exc).splitlines()[0] if str(exc) else "invalid"
+    return "cannot be read"

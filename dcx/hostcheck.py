@@ -15,7 +15,7 @@ from dcx.bootstrap.phases import Host, describe_error
 from dcx.bootstrap.runtime import gather_facts
 from dcx.bootstrap.ssh import Connection, HostKeyStore, Target, connect_with_retry, fan_out
 from dcx.inventory import load_inventory
-from dcx.log import register_secret
+from dcx.log import redact, register_secret
 from dcx.providers.base import Node
 from dcx.sshconfig import Endpoint, resolve
 from dcx.state import atomic_write, dcx_home, ensure_private_dir
@@ -97,3 +97,45 @@ def check(path: str | Path, group: str | None, parallel: int = 20, timeout: floa
         for conn in conns:
             conn.close()
     return [r for _, r, _ in results if r is not None]
+
+
+# --- a cluster's nodes, asked directly (`dcx cluster status`, `dcx cluster plan`) ----------------
+
+PROBE_TIMEOUT = 5.0  # seconds to reach a node over SSH: a node that takes longer is reported unreachable
+RUNTIME_PROBE = ("if timeout 10 docker info --format '{{.ServerVersion}}' >/dev/null 2>&1; then echo runtime=ok; "
+                 "else echo runtime=down; fi")
+
+
+def probe_nodes(hosts: list[Host], parallel: int, runtime: bool, mesh_addresses: dict[str, str],
+                ) -> dict[str, dict[str, Any]]:
+    """Per node, what the node itself says, in one SSH command each, all nodes at once: `ssh` ("ok" or
+    why it cannot be reached), `runtime` ("ok", "down", or None when the engine brings its own), and with
+    a mesh, `mesh` (its interface, and which peers answer over it now: see dcx.bootstrap.mesh.parse_probe)."""
+    from dcx.bootstrap.mesh import parse_probe, probe_command
+
+    def one(host: Host) -> dict[str, Any]:
+        row: dict[str, Any] = {"ssh": "ok", "runtime": None}
+        address = mesh_addresses.get(host.name, "")
+        peers = {n: a for n, a in mesh_addresses.items() if n != host.name} if address else {}
+        try:
+            host.conn.client(timeout=PROBE_TIMEOUT)  # one attempt: a refused or silent sshd is the answer
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            reason = getattr(exc, "message", "") or f"{type(exc).__name__}: {exc}"
+            row["ssh"] = redact(f"cannot reach {host.name} over SSH at {host.conn.target.label}: {reason}")
+            if address:
+                row["mesh"] = {"address": address, "error": "not asked: unreachable over SSH"}
+            return row
+        parts = ([RUNTIME_PROBE] if runtime else []) + ([probe_command(list(peers.values()))] if address else [])
+        try:
+            text = host.run("; ".join(parts) or "true", timeout=30).stdout
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            row["ssh"] = _one_line(exc)
+            return row
+        if runtime:
+            row["runtime"] = "ok" if "runtime=ok" in text.split() else "down"
+        if address:
+            row["mesh"] = parse_probe(text, address, peers)
+        return row
+
+    return {h.name: row if row is not None else {"ssh": _one_line(err) if err else "no answer", "runtime": None}
+            for h, row, err in fan_out(one, hosts, parallel)}

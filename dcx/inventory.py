@@ -19,12 +19,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dcx import grammar
 from dcx.errors import SpecError
-from dcx.yamlsrc import Locator, load_yaml_text
+from dcx.yamlsrc import Locator, load_yaml_text, read_text_file
 
 SECRET_VARS = ("ansible_become_pass", "ansible_become_password", "ansible_password", "ansible_ssh_pass")
 TRUE = {"yes", "true", "on", "1", "y", "t"}
 FALSE = {"no", "false", "off", "0", "n", "f"}
+# More hosts than any pool takes (a pool has at most 5000 nodes): a range such as node[1:1000000] is
+# refused before it is expanded.
+MAX_HOSTS = 10_000
 
 
 @dataclass
@@ -60,6 +64,7 @@ class _Group:
     children: list[str] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)
     line: int | None = None
+    host_set: set[str] = field(default_factory=set)  # membership of `hosts` in O(1)
 
 
 class _Model:
@@ -79,9 +84,12 @@ class _Model:
 
     def add_host(self, group: str, name: str, values: dict[str, Any], line: int | None) -> None:
         g = self.group(group, line)
-        if name not in g.hosts:
+        if name not in g.host_set:
+            g.host_set.add(name)
             g.hosts.append(name)
         if name not in self.host_vars:
+            if len(self.host_order) >= MAX_HOSTS:
+                raise SpecError(self.file, line, f"host {name}", f"more than {MAX_HOSTS} hosts in one inventory")
             self.host_order.append(name)
             self.host_vars[name] = {}
             self.host_lines[name] = line
@@ -95,22 +103,28 @@ class _Model:
         return out
 
     def check_cycles(self) -> None:
+        done: set[str] = set()  # groups whose descendants were all visited: each is walked once
+
         def visit(name: str, path: list[str]) -> None:
             for child in self.groups[name].children:
                 if child in path:
                     cycle = " -> ".join(path[path.index(child):] + [child])
                     raise SpecError(self.file, self.groups[name].line, f"group {name}",
                                     f"children form a cycle: {cycle}")
-                visit(child, path + [child])
+                if child not in done:
+                    visit(child, path + [child])
+            done.add(name)
 
         for name in self.groups:
-            visit(name, [name])
+            if name not in done:
+                visit(name, [name])
 
     def depth(self, name: str, parents: dict[str, set[str]]) -> int:
-        if name == "all":
-            return 0
-        ps = parents.get(name) or {"all"}
-        return 1 + max(self.depth(p, parents) for p in ps)
+        cache = self.__dict__.setdefault("_depths", {})
+        if name not in cache:
+            ps = parents.get(name) or {"all"}
+            cache[name] = 0 if name == "all" else 1 + max(self.depth(p, parents) for p in ps)
+        return cache[name]
 
     def resolve(self, group: str | None) -> list[InventoryHost]:
         self.check_cycles()
@@ -120,6 +134,7 @@ class _Model:
             if name != "all" and not parents.get(name) and name not in self.groups["all"].children:
                 self.groups["all"].children.append(name)
         parents = self.parents()
+        self.__dict__.pop("_depths", None)
         direct: dict[str, list[str]] = {}
         for g in self.groups.values():
             for h in g.hosts:
@@ -252,7 +267,7 @@ def _make_host(name: str, values: dict[str, Any], groups: list[str], file: str, 
                         "is vault-encrypted or templated, which dcx cannot read",
                         hint="leave it out and pass -K/--ask-become-pass (or DCX_BECOME_PASSWORD)")
     labels = values.get("dcx_labels") if isinstance(values.get("dcx_labels"), dict) else {}
-    return InventoryHost(
+    host = InventoryHost(
         name=host_name, address=text("ansible_host", "ansible_ssh_host") or host_name, port=port,
         user=text("ansible_user", "ansible_ssh_user"),
         private_key_file=os.path.expanduser(text("ansible_ssh_private_key_file", "ansible_private_key_file")),
@@ -261,6 +276,40 @@ def _make_host(name: str, values: dict[str, Any], groups: list[str], file: str, 
         mesh_endpoint=text("dcx_mesh_endpoint"), private_address=text("dcx_private_address"),
         labels={str(k): str(v) for k, v in labels.items()}, groups=[g for g in groups if g != "ungrouped"],
         vars={k: v for k, v in values.items()})
+    problem = host_problem(host)
+    if problem:
+        field_name, why = problem
+        raise SpecError(file, line, f"host {_shown(host_name)}{': ' + field_name if field_name else ''}", why)
+    return host
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= 60 and name.isprintable() else repr(name[:60])[1:-1] + "..."
+
+
+def host_problem(h: InventoryHost) -> tuple[str, str] | None:
+    """(field, why) for a host whose values could not be what they claim. Names become node names,
+    hostnames and lines of an ssh config file; none of them may carry a shell word or a newline."""
+    checks = [("", grammar.hostname_problem(h.name))]
+    checks.append(("ansible_host", grammar.address_problem(h.address) if h.address != h.name else ""))
+    checks.append(("ansible_user", grammar.user_problem(h.user) if h.user else ""))
+    checks.append(("ansible_become_user", grammar.user_problem(h.become_user)))
+    checks.append(("ansible_ssh_private_key_file",
+                   "must be a path on one line" if not h.private_key_file.isprintable() else ""))
+    for hop in filter(None, h.proxy_jump.split(",")):
+        user, _, rest = hop.strip().rpartition("@")
+        why = (grammar.user_problem(user) if user else "") or grammar.host_port_problem(rest)
+        checks.append(("ProxyJump", f"'{_shown(hop)}' {why}" if why else ""))
+    checks.append(("dcx_mesh_endpoint", grammar.host_port_problem(h.mesh_endpoint) if h.mesh_endpoint else ""))
+    checks.append(("dcx_private_address", grammar.address_problem(h.private_address) if h.private_address else ""))
+    checks.append(("dcx_labels", grammar.labels_problem(h.labels, kubernetes=False)))  # k3s: checked by the spec
+    for field_name, why in checks:
+        if why:
+            if field_name == "":
+                why = f"is not a usable node name: it {why}" if not why.startswith("is ") else \
+                    f"is not a usable node name: {why.removeprefix('is ')}"
+            return field_name, why
+    return None
 
 
 # --- host ranges -----------------------------------------------------------------------------------
@@ -269,7 +318,33 @@ _RANGE = re.compile(r"\[([^\]\[]*)\]")
 
 
 def expand_range(pattern: str, file: str, line: int | None) -> list[str]:
-    """`node[01:03]` -> node01 node02 node03; `[a:c]`; `[1:9:2]`; several ranges multiply."""
+    """`node[01:03]` -> node01 node02 node03; `[a:c]`; `[1:9:2]`; several ranges multiply (at most
+    MAX_HOSTS names in all: the size is worked out before anything is expanded)."""
+    total = 1
+    for m in _RANGE.finditer(pattern):
+        total *= _range_size(m.group(1))
+        if total > MAX_HOSTS:
+            raise SpecError(file, line, f"host {_shown(pattern)}",
+                            f"the range makes more than {MAX_HOSTS} hosts (at most {MAX_HOSTS} in one inventory)")
+    return _expand(pattern, file, line)
+
+
+def _range_size(body: str) -> int:
+    """How many names [body] makes; 1 when it is malformed (_expand then says what is wrong)."""
+    parts = body.split(":")
+    try:
+        step = int(parts[2]) if len(parts) == 3 and parts[2] else 1
+        start, end = parts[0], parts[1]
+        if start.isdigit() and end.isdigit() and step >= 1:
+            return max(0, (int(end) - int(start)) // step + 1)
+        if len(start) == 1 and len(end) == 1 and step >= 1:
+            return max(0, (ord(end) - ord(start)) // step + 1)
+    except (ValueError, IndexError):
+        pass
+    return 1
+
+
+def _expand(pattern: str, file: str, line: int | None) -> list[str]:
     m = _RANGE.search(pattern)
     if not m:
         return [pattern]
@@ -298,7 +373,7 @@ def expand_range(pattern: str, file: str, line: int | None) -> list[str]:
         raise SpecError(file, line, f"host {pattern}", f"range [{body}] must be numbers or single letters of one kind")
     out = []
     for v in values:
-        out.extend(expand_range(head + v + tail, file, line))
+        out.extend(_expand(head + v + tail, file, line))
     return out
 
 
@@ -455,6 +530,8 @@ def parse_dcx(data: dict[str, Any], locator: Locator, group: str | None) -> list
         raise_located(exc, locator)
     if inv.apiVersion != "dcx/v1":
         raise locator.error(("apiVersion",), "must be dcx/v1")
+    if len(inv.hosts) > MAX_HOSTS:
+        raise locator.error(("hosts",), f"more than {MAX_HOSTS} hosts in one inventory")
     seen: set[str] = set()
     out = []
     all_groups = {g for h in inv.hosts for g in h.groups}
@@ -467,11 +544,20 @@ def parse_dcx(data: dict[str, Any], locator: Locator, group: str | None) -> list
         seen.add(h.name)
         if group not in (None, "all") and group not in h.groups:
             continue
-        out.append(InventoryHost(
+        host = InventoryHost(
             name=h.name, address=h.address or h.name, port=h.port, user=h.user,
             private_key_file=os.path.expanduser(h.privateKey), become=h.become, become_user=h.becomeUser,
             proxy_jump=h.proxyJump, mesh_endpoint=h.meshEndpoint, private_address=h.privateAddress,
-            labels=h.labels, groups=["all", *h.groups], vars={}))
+            labels=h.labels, groups=["all", *h.groups], vars={})
+        problem = host_problem(host)
+        if problem:
+            field_name, why = problem
+            names = {"": "name", "ansible_host": "address", "ansible_user": "user", "ansible_become_user": "becomeUser",
+                     "ansible_ssh_private_key_file": "privateKey", "ProxyJump": "proxyJump",
+                     "dcx_mesh_endpoint": "meshEndpoint", "dcx_private_address": "privateAddress",
+                     "dcx_labels": "labels"}
+            raise locator.error(("hosts", i, names[field_name]), why)
+        out.append(host)
     return out
 
 
@@ -504,11 +590,4 @@ def parse_inventory_text(text: str, file: str, group: str | None = None) -> list
 
 
 def load_inventory(path: str | Path, group: str | None = None) -> list[InventoryHost]:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(str(path), None, "", "inventory file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(str(path), None, "", f"cannot read: {exc.__class__.__name__}") from None
-    return parse_inventory_text(text, str(path), group)
+    return parse_inventory_text(read_text_file(Path(path), "inventory file"), str(path), group)

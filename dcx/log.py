@@ -8,6 +8,7 @@ value can appear anywhere; every log record and every user-facing error text pas
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from pathlib import Path
 
@@ -25,13 +26,48 @@ def register_secret(value: str) -> None:
             _secrets.add(value)
 
 
+# Secrets recognisable by their form, redacted even when dcx never saw the value (a token a user pasted,
+# a daemon's log line): swarm join tokens and unlock keys, k3s's secure tokens (K10<ca hash>::user:pass),
+# PEM/OpenSSH private key blocks (a truncated one to the end of the text), WireGuard `PrivateKey = `.
+# A group named `keep` (the name before a value) stays; the rest of the match becomes REDACTED.
+SECRET_FORMS = [
+    re.compile(r"SWM(?:TKN|KEY)-\d+-[0-9A-Za-z+/=_-]+"),
+    re.compile(r"K10[0-9a-fA-F]{8,}::[^\s:]+:[^\s\"']+"),
+    re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----(?:[\s\S]*?-----END \1PRIVATE KEY-----|[\s\S]*)"),
+    re.compile(r"(?i)(?P<keep>PrivateKey[ \t]*=[ \t]*)(?!\*\*\*)\S+"),
+]
+# Only for what dcx gathers from machines (diagnose archives): any value assigned to a name that says
+# password, passphrase, secret or token (`password: x`, `K3S_TOKEN=x`, `"token": "x"`, `--token x`).
+# Too broad for dcx's own log lines, where it would hide ordinary words.
+ASSIGNED_SECRETS = [
+    re.compile(r"(?i)(?P<keep>[\w.-]*(?:password|passwd|passphrase|secret|token)[\w.-]*[\"']?[ \t]*[:=][ \t]*"
+               r"[\"']?)(?!\*\*\*)[^\s\"',;}]+"),
+    re.compile(r"(?i)(?P<keep>--[\w-]*(?:password|passwd|passphrase|secret|token)[\w-]*[ \t]+)(?!\*\*\*|-)\S+"),
+]
+
+
 def redact(text: str) -> str:
     with _lock:
         secrets = sorted(_secrets, key=len, reverse=True)
     for s in secrets:
         if s in text:
             text = text.replace(s, REDACTED)
+    for form in SECRET_FORMS:
+        text = form.sub(_redacted, text)
     return text
+
+
+def redact_gathered(text: str) -> str:
+    """`redact`, and also every value assigned to a password/secret/token name: for text gathered from
+    machines (logs, configs), where any such value may be a credential dcx never saw."""
+    text = redact(text)
+    for form in ASSIGNED_SECRETS:
+        text = form.sub(_redacted, text)
+    return text
+
+
+def _redacted(match: re.Match[str]) -> str:
+    return (match.groupdict().get("keep") or "") + REDACTED
 
 
 class RedactingFilter(logging.Filter):

@@ -117,6 +117,27 @@ class LoginUser:
     password: str = ""  # for sudo: password
 
 
+@dataclass(frozen=True)
+class SshdLimits:
+    """sshd's per-connection session limit and its limit on connections not yet logged in.
+
+    Hosts made here keep OpenSSH's defaults (sshd_config(5): MaxSessions 10, MaxStartups 10:30:100)
+    or harden them (HARDENED_SSHD, a common baseline), never relax them: dcx must work within what
+    users' machines allow, and a generous test host would hide it when it does not.
+    """
+
+    max_sessions: int = 10
+    max_startups: tuple[int, int, int] = (10, 30, 100)  # start:rate:full
+
+    def lines(self) -> str:
+        start, rate, full = self.max_startups
+        return f"MaxSessions {int(self.max_sessions)}\nMaxStartups {int(start)}:{int(rate)}:{int(full)}\n"
+
+
+DEFAULT_SSHD = SshdLimits()
+HARDENED_SSHD = SshdLimits(max_sessions=1, max_startups=(3, 50, 6))
+
+
 @dataclass
 class HostSpec:
     """One namespace host to make."""
@@ -131,6 +152,7 @@ class HostSpec:
     gateway: str | None = None  # default route (test beds with routers); none for plain nodes
     users: list[LoginUser] = field(default_factory=list)  # non-root logins (test beds); root always accepts the key
     extra_links: list[tuple[str, str]] = field(default_factory=list)  # (bridge, CIDR) as eth1, eth2, ...
+    sshd: SshdLimits = DEFAULT_SSHD
 
     @property
     def ip(self) -> str:
@@ -170,9 +192,8 @@ def _write_sshd(spec: HostSpec, dirs: dict[str, Path]) -> Path:
         "UsePAM no\n"
         "StrictModes no\n"
         "PrintMotd no\n"
-        "MaxStartups 100:30:200\n"
-        "MaxSessions 50\n"
-        "Subsystem sftp /usr/lib/openssh/sftp-server\n"
+        + spec.sshd.lines()
+        + "Subsystem sftp /usr/lib/openssh/sftp-server\n"
     )
     return config
 
@@ -213,6 +234,19 @@ def start_host(spec: HostSpec) -> int:
     if pid:
         return pid
     _write_sshd(spec, dirs)  # inside the host it is /run/dcx-host/sshd_config
+    sshd_argv = [SSHD, "-D", "-f", "/run/dcx-host/sshd_config", "-E", "/run/dcx-host/sshd.log"]
+    anchor = node_process(spec.netns, spec.home)
+    if anchor is not None:
+        # The host still runs (dockerd, wireguard-go...) but its sshd died: a new one starts inside the
+        # same mount and UTS namespaces, seeing the host's own /run, /var/lib/docker and hostname, as
+        # `systemctl restart ssh` would on a machine. A new mount namespace would be a second machine
+        # on the same disk (a second dockerd on the first one's /var/lib/docker).
+        return _start_process(spec, dirs, ["nsenter", f"--target={anchor}", "--mount", "--uts", "--net", *sshd_argv])
+    if host_processes(spec.netns):
+        # Processes in the host's network but not in its own namespaces (the host lost them): stop them
+        # all and start the host again from its disk, as after a reboot.
+        log.warning("%s: processes outside its own namespaces; restarting it from its disk", spec.netns)
+        kill_host_processes(spec.netns)
     steps = [
         "mount -t tmpfs -o mode=0755 tmpfs /run",
         "mkdir -p /run/sshd /run/dcx-host /run/netns /var/lib/docker /etc/docker",
@@ -228,20 +262,45 @@ def start_host(spec: HostSpec) -> int:
         steps += _user_mounts(spec, dirs)
     if any(s.endswith(" /etc") for s in steps):  # a private /etc: name the host there, as cloud-init does
         steps.append(f"{{ grep -q ' {spec.hostname}$' /etc/hosts || echo '127.0.1.1 {spec.hostname}' >> /etc/hosts; }}")
-    steps += [f"hostname {spec.hostname}",
-              f"exec {SSHD} -D -f /run/dcx-host/sshd_config -E /run/dcx-host/sshd.log"]
+    steps += [f"hostname {spec.hostname}", "exec " + " ".join(sshd_argv)]
     setup = " && ".join(steps)
+    return _start_process(spec, dirs, ["nsenter", f"--net={NETNS_DIR / spec.netns}", "unshare", "--mount", "--uts",
+                                       "--propagation", "private", "sh", "-c", setup])
+
+
+MNT_NS_FILE = "mnt-ns"  # in the host's home: the inode of the mount namespace its sshd was started in
+
+
+def _start_process(spec: HostSpec, dirs: dict[str, Path], argv: list[str]) -> int:
+    """Start the host's sshd (argv ends by exec'ing it, so its PID is the child's); wait until it listens;
+    record its mount namespace, by which a later repair finds the host's own."""
     log_file = open(dirs["log"] / "start.log", "ab")  # noqa: SIM115 - handed to the child
     try:
-        proc = subprocess.Popen(
-            ["nsenter", f"--net={NETNS_DIR / spec.netns}", "unshare", "--mount", "--uts", "--propagation", "private",
-             "sh", "-c", setup],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                start_new_session=True, close_fds=True)
     finally:
         log_file.close()
     (spec.home / "sshd.pid").write_text(str(proc.pid))
     wait_for_port(spec.netns, spec.ip, spec.ssh_port, proc, log_file=dirs["log"] / "start.log")
+    with contextlib.suppress(OSError):
+        (spec.home / MNT_NS_FILE).write_text(str(os.stat(f"/proc/{proc.pid}/ns/mnt").st_ino))
     return proc.pid
+
+
+def node_process(netns: str, home: Path) -> int | None:
+    """A live process of the host inside its own mount namespace (the one its sshd was started in), or
+    None when no such process is left."""
+    try:
+        mnt = int((home / MNT_NS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    for pid in pids_in_netns(netns):
+        try:
+            if os.stat(f"/proc/{pid}/ns/mnt").st_ino == mnt and _alive(pid):
+                return pid
+        except OSError:
+            continue
+    return None
 
 
 def _overlay_mounts(home: Path) -> list[str]:
@@ -315,8 +374,10 @@ def sshd_pid(netns: str) -> int | None:
     named = sorted(p for p in sshds if b"[listener]" in _cmdline(p))
     if named:
         return named[0]
+    # Per-connection children title themselves "sshd: user@..." or "sshd: user [priv]": one that outlived
+    # a killed listener is parentless too, and is no listener (a repair would otherwise never start one).
     parents = _parents()
-    listeners = sorted(p for p in sshds if parents.get(p) not in sshds)
+    listeners = sorted(p for p in sshds if parents.get(p) not in sshds and not _cmdline(p).startswith(b"sshd: "))
     return listeners[0] if listeners else None
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dcx import grammar
 from dcx.errors import SpecError
 from dcx.yamlsrc import Locator, load_yaml
 
@@ -25,6 +26,11 @@ DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 class _Model(BaseModel):
     # Unknown fields are errors: a typo in a spec must not be silently ignored.
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def _checked(problem: str) -> None:
+    if problem:
+        raise ValueError(problem)
 
 
 class Metadata(_Model):
@@ -59,18 +65,50 @@ class EngineSpec(_Model):
     # and used in the kubeconfig dcx writes.
     loadBalancer: str = ""
 
+    # These reach the install script's environment, the certificate and the kubeconfig: each must be
+    # what its place takes, never a shell word.
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        _checked(grammar.version_problem(value) if value else "")
+        return value
+
+    @field_validator("tlsSAN")
+    @classmethod
+    def _sans(cls, value: list[str]) -> list[str]:
+        for san in value:
+            problem = grammar.address_problem(san)
+            if problem:
+                raise ValueError(f"'{san}' {problem}")
+        return value
+
+    @field_validator("loadBalancer")
+    @classmethod
+    def _load_balancer(cls, value: str) -> str:
+        if value:
+            _checked(grammar.host_port_problem(value.removeprefix("https://").rstrip("/")))
+        return value
+
 
 class SSHSpec(_Model):
     user: str = Field(default="root", min_length=1)
-    port: int = Field(default=22, ge=1, le=65535)
+    port: int = Field(default=22, ge=1, le=65535, strict=True)
     privateKey: str = ""
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        _checked(grammar.user_problem(value))
+        return value
 
 
 class NetworkSpec(_Model):
     mesh: Literal["auto", "wireguard", "none"] = "auto"
     meshCIDR: str = "100.96.0.0/16"
-    meshPort: int = Field(default=51820, ge=1, le=65535)
+    meshPort: int = Field(default=51820, ge=1, le=65535, strict=True)
     sshCIDR: str = ""
+    # Where the Kubernetes API (6443, engine k3s) is opened from on cloud firewalls; "" = sshCIDR.
+    apiCIDR: str = ""
 
     @field_validator("meshCIDR")
     @classmethod
@@ -80,7 +118,7 @@ class NetworkSpec(_Model):
             raise ValueError("must be an IPv4 network of /24 or larger")
         return value
 
-    @field_validator("sshCIDR")
+    @field_validator("sshCIDR", "apiCIDR")
     @classmethod
     def _ssh_cidr(cls, value: str) -> str:
         for part in filter(None, (p.strip() for p in value.split(","))):
@@ -91,7 +129,7 @@ class NetworkSpec(_Model):
 class PoolSpec(_Model):
     name: str = Field(pattern=DNS_LABEL, max_length=20)
     role: Literal["control", "worker"]
-    count: int | None = Field(default=None, ge=1, le=5000)
+    count: int | None = Field(default=None, ge=1, le=5000, strict=True)  # strict: `count: true` is no 1
     provider: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     labels: dict[str, str] = Field(default_factory=dict)
     taints: list[str] = Field(default_factory=list)
@@ -206,11 +244,35 @@ def describe_validation_error(err: dict[str, Any]) -> str:
 
 
 def raise_located(exc: ValidationError, locator: Locator, prefix: tuple[str | int, ...] = ()) -> None:
-    """Raise a SpecError for the first error of a pydantic ValidationError, located in the file."""
-    err = exc.errors()[0]
+    """Raise a SpecError for the first error of a pydantic ValidationError, located in the file. An
+    unknown field that is a near miss of a known one (`metdata:`) is named first, with the known name."""
+    errors = exc.errors()
+    err = errors[0]
+    typo = _near_miss(errors)
+    if typo is not None:
+        err, known = typo
+        path = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        raise locator.error(path, f"unknown field; did you mean '{known}'?") from None
     # Model-level validators report at the model path; pydantic appends no field there.
     path = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
     raise locator.error(path, describe_validation_error(err)) from None
+
+
+def _near_miss(errors: list[Any]) -> tuple[Any, str] | None:
+    """An unknown field next to a missing one it is a near miss of: (the unknown field's error, the name)."""
+    import difflib
+
+    missing: dict[tuple[Any, ...], list[str]] = {}
+    for e in errors:
+        if e["type"] == "missing" and e["loc"]:
+            missing.setdefault(tuple(e["loc"][:-1]), []).append(str(e["loc"][-1]))
+    for e in errors:
+        if e["type"] == "extra_forbidden" and e["loc"]:
+            names = missing.get(tuple(e["loc"][:-1]), [])
+            close = difflib.get_close_matches(str(e["loc"][-1]), names, n=1, cutoff=0.6)
+            if close:
+                return e, close[0]
+    return None
 
 
 def _first_yaml_problem(data: Any) -> str | None:
@@ -231,7 +293,97 @@ def load(path: str | Path) -> ClusterSpec:
         raise_located(exc, locator)
     spec._file = str(path)
     spec._locator = locator
+    check_networks(spec)
+    check_labels(spec)
+    control = check_inventories(spec)
+    check_control_count(spec, control)
     return spec
+
+
+def check_labels(spec: ClusterSpec) -> None:
+    """Label keys to Kubernetes' grammar (Docker takes those too); values to the engine's: Kubernetes'
+    for k3s, any one-line text for swarm (Docker labels are free text). Taints as `kubectl taint` takes
+    them. Located at the label or taint itself."""
+    k3s = spec.spec.engine.type == "k3s"
+    where: list[tuple[tuple[str | int, ...], dict[str, str]]] = [(("metadata", "labels"), spec.metadata.labels)]
+    where += [(("spec", "pools", i, "labels"), p.labels) for i, p in enumerate(spec.spec.pools)]
+    for path, labels in where:
+        for key, value in labels.items():
+            problem = grammar.label_key_problem(key) or (
+                grammar.label_value_problem(value) if k3s else grammar.text_value_problem(value))
+            if problem:
+                raise spec.error((*path, key), problem)
+    for i, pool in enumerate(spec.spec.pools):
+        for j, taint in enumerate(pool.taints):
+            problem = grammar.taint_problem(taint)
+            if problem:
+                raise spec.error(("spec", "pools", i, "taints", j), problem)
+
+
+# Where each provider's section names a network of its own (pool settings are plain dicts here).
+SUBNET_KEYS = ("subnet", "vpcCIDR", "subnetCIDR", "vnetCIDR")
+
+
+def check_networks(spec: ClusterSpec) -> None:
+    """The mesh range must not contain (or sit inside) a pool's network: routes to it would go to dcx0."""
+    mesh = ipaddress.ip_network(spec.spec.network.meshCIDR)
+    for i, pool in enumerate(spec.spec.pools):
+        for key, value in pool.settings.items():
+            if key not in SUBNET_KEYS or not isinstance(value, str):
+                continue
+            try:
+                net = ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                continue  # the provider's own validation names it
+            if net.version == mesh.version and net.overlaps(mesh):
+                raise spec.error(("spec", "network", "meshCIDR"),
+                                 f"{mesh} overlaps pool {pool.name}'s {key} {net} (spec.pools[{i}].{pool.provider}"
+                                 f".{key}); choose a mesh range apart from every pool's network")
+
+
+def check_inventories(spec: ClusterSpec) -> int | None:
+    """Read each ssh pool's inventory now, so that a bad one is refused before anything is written,
+    with the spec's line as well as the inventory's. Returns the number of control nodes (None when
+    unknown)."""
+    from dcx.inventory import load_inventory
+
+    control: int | None = 0
+    for i, pool in enumerate(spec.spec.pools):
+        inventory = pool.settings.get("inventory") if pool.provider == "ssh" else None
+        if not isinstance(inventory, str) or not inventory:
+            if pool.role == "control":
+                if pool.count is not None and control is not None:
+                    control += pool.count
+                elif pool.provider == "ssh" and isinstance(pool.settings.get("hosts"), list):
+                    control = None if control is None else control + len(pool.settings["hosts"])
+                else:
+                    control = None
+            continue
+        path = Path(inventory).expanduser()
+        group = pool.settings.get("group")
+        try:
+            hosts = load_inventory(path if path.is_absolute() else spec.base_dir / path,
+                                   group if isinstance(group, str) else None)
+        except SpecError as exc:
+            raise spec.error(("spec", "pools", i, "ssh", "inventory"), exc.message) from None
+        if pool.role == "control" and control is not None:
+            control += len(hosts)
+        for h in hosts if spec.spec.engine.type == "k3s" else []:
+            problem = grammar.labels_problem(h.labels)  # Kubernetes' grammar for k3s node labels
+            if problem:
+                raise spec.error(("spec", "pools", i, "ssh", "inventory"), f"host {h.name}: dcx_labels: {problem}")
+    return control
+
+
+def check_control_count(spec: ClusterSpec, control: int | None) -> None:
+    """k3s keeps its state in embedded etcd: an even number of servers tolerates no more failures than
+    one fewer, and two lose quorum when either stops (https://etcd.io/docs/v3.5/faq/)."""
+    if spec.spec.engine.type != "k3s" or control is None or control % 2 == 1:
+        return
+    index = next(i for i, p in enumerate(spec.spec.pools) if p.role == "control")
+    raise spec.error(("spec", "pools", index, "count"),
+                     f"k3s needs an odd number of control nodes (1, 3, 5, ...): {control} would lose etcd "
+                     f"quorum when any one of them stops")
 
 
 def json_schema() -> dict[str, Any]:

@@ -18,11 +18,22 @@ def user_ssh_dir() -> Path:
     return Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh"
 
 
+_parsed: dict[tuple[str, int, int], paramiko.SSHConfig] = {}
+
+
 def load_user_config(path: Path | None = None) -> paramiko.SSHConfig:
+    """~/.ssh/config (or DCX_SSH_CONFIG), parsed once per version of the file: resolving a thousand
+    hosts must not read it a thousand times."""
     path = path or Path(os.environ.get("DCX_SSH_CONFIG", str(user_ssh_dir() / "config")))
-    if path.exists():
-        return paramiko.SSHConfig.from_path(str(path))
-    return paramiko.SSHConfig()
+    try:
+        st = path.stat()
+    except OSError:
+        return paramiko.SSHConfig()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _parsed:
+        _parsed.clear()
+        _parsed[key] = paramiko.SSHConfig.from_path(str(path))
+    return _parsed[key]
 
 
 @dataclass

@@ -16,8 +16,10 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import secrets
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,9 +29,30 @@ from typing import Any
 import filelock
 import platformdirs
 
-from dcx.errors import DcxError, LockHeld
+from dcx.errors import DcxError, InputError, LockHeld, read_problem
 
 SCHEMA_VERSION = 1
+# Cluster names become directory names, hostnames and cloud resource names: checked (as the spec's
+# metadata.name) before any path is made from them.
+CLUSTER_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+CLUSTER_NAME_MAX = 24
+
+
+def check_cluster_name(name: str) -> str:
+    """The name, or an InputError (exit 2) when it could not be a cluster's: never a path."""
+    if not CLUSTER_NAME_RE.match(name) or len(name) > CLUSTER_NAME_MAX:
+        shown = name if len(name) <= 40 and name.isprintable() else repr(name[:40]) + "..."
+        raise InputError(f"'{shown}' is not a cluster name: use up to {CLUSTER_NAME_MAX} lowercase letters, "
+                         "digits and '-', starting with a letter")
+    return name
+
+
+class UnknownCluster(InputError):
+    """A cluster name with no state here: the user's input (exit 2), as the README promises."""
+
+
+class DamagedState(DcxError):
+    """A state file that cannot be read as a cluster's state; the message says what to do."""
 
 
 def dcx_home() -> Path:
@@ -41,9 +64,24 @@ def now_iso() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def ensure_private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+def ensure_private_dir(path: Path, private_from: Path | None = None) -> Path:
+    """Make `path` a 0700 directory. Missing parents are made 0700 too (mkdir's own parents would be
+    0755); existing ones are left as they are, except those at or below `private_from` (dcx's own)."""
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o700)
+        os.chmod(d, 0o700)
     os.chmod(path, 0o700)
+    if private_from is not None and private_from in path.parents:
+        for d in path.parents:
+            os.chmod(d, 0o700)
+            if d == private_from:
+                break
     return path
 
 
@@ -96,7 +134,38 @@ class ClusterState:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DcxError(f"{where}: state file is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        problem = shape_problem(data)
+        if problem:
+            raise DcxError(f"{where}: {problem}")
         return cls(**migrate(data, where))
+
+
+# What each field of a state document must be; a document that is not this was not written by dcx.
+_SHAPE: dict[str, type | tuple[type, ...]] = {
+    "name": str, "id": str, "engine": str, "spec_file": str, "created_at": str, "updated_at": str,
+    "status": str, "nodes": dict, "resources": dict, "host_keys": dict, "spec": dict, "schema_version": int,
+}
+
+
+def shape_problem(data: Any) -> str:
+    """Why `data` is not a state document, or "" when it is one."""
+    if not isinstance(data, dict):
+        return f"state is a JSON {type(data).__name__.replace('dict', 'object')}, not an object"
+    for key in ("name", "id"):
+        if key not in data:
+            return f"state has no '{key}'"
+    for key, kind in _SHAPE.items():
+        if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+            return f"state field '{key}' has the wrong type"
+    for key in ("nodes", "host_keys"):
+        for name, value in data.get(key, {}).items():
+            if not isinstance(value, dict):
+                return f"state field '{key}.{name}' has the wrong type"
+    for name, node in data.get("nodes", {}).items():
+        for field_name in ("name", "pool", "provider", "role", "ssh_address"):
+            if not isinstance(node.get(field_name), str):
+                return f"state field 'nodes.{name}.{field_name}' is missing or has the wrong type"
+    return ""
 
 
 def migrate(data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -116,7 +185,8 @@ class ClusterDir:
     """One cluster's directory and everything in it."""
 
     def __init__(self, root: Path, name: str) -> None:
-        self.name = name
+        self.name = check_cluster_name(name)
+        self.root = root
         self.path = root / "clusters" / name
 
     @property
@@ -144,7 +214,9 @@ class ClusterDir:
         return self.path / "logs"
 
     def provider_dir(self, provider: str) -> Path:
-        return ensure_private_dir(self.path / "providers" / provider)
+        path = self.path / "providers" / provider
+        # Planning a cluster that does not exist yet writes nothing: the directory comes with the state.
+        return ensure_private_dir(path, self.root / "clusters") if self.path.is_dir() else path
 
     def secret_file(self, name: str) -> Path:
         return ensure_private_dir(self.path / "secrets") / name
@@ -154,15 +226,47 @@ class ClusterDir:
 
     def create_dirs(self) -> None:
         for d in (self.path, self.ssh_dir, self.logs_dir):
-            ensure_private_dir(d)
+            ensure_private_dir(d, self.root / "clusters")
 
     def load(self) -> ClusterState:
         try:
-            text = self.state_file.read_text()
+            text = self.state_file.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise DcxError(f"no cluster named '{self.name}' in {self.path.parent}",
-                           hint="see `dcx cluster list`, or pass -f FILE") from None
-        return ClusterState.from_json(text, str(self.state_file))
+            raise UnknownCluster(f"no cluster named '{self.name}' in {self.path.parent} "
+                                 "(see `dcx cluster list`)") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise self.damaged(read_problem(exc)) from None
+        try:
+            return ClusterState.from_json(text, str(self.state_file))
+        except DcxError as exc:
+            if exc.message.startswith(f"{self.state_file}: state schema_version"):
+                raise
+            raise self.damaged(exc.message.removeprefix(f"{self.state_file}: ")) from None
+
+    def damaged(self, problem: str) -> DamagedState:
+        """One line: which file, what is wrong, and the two ways out."""
+        return DamagedState(f"{self.state_file}: {problem}; the cluster's state is damaged: remove the cluster "
+                            f"with `dcx cluster destroy -f SPEC` (it works from the spec alone), "
+                            f"or move {self.path} aside")
+
+    def damage(self) -> str:
+        """Why the state cannot be read ("" when it can, or when there is none)."""
+        try:
+            self.load()
+        except DamagedState as exc:
+            return exc.message
+        except DcxError:  # no state, or one from a newer dcx: not damage
+            return ""
+        return ""
+
+    def set_aside_if_damaged(self) -> Path | None:
+        """A destroy from the spec must not depend on a damaged state: move it aside (kept, for the
+        curious) and return where it went; None when the state is readable or absent."""
+        if not self.damage():
+            return None
+        aside = self.path / f"state.json.damaged-{now_iso().replace(':', '')}"
+        os.replace(self.state_file, aside)
+        return aside
 
     def save(self, state: ClusterState) -> None:
         state.updated_at = now_iso()
@@ -171,10 +275,26 @@ class ClusterDir:
 
     @contextlib.contextmanager
     def lock(self, command: str) -> Iterator[None]:
-        """Hold the cluster's exclusive lock; fail at once (exit 3) naming the holder."""
+        """Hold the cluster's exclusive lock; fail at once (exit 3) naming the holder. A command that
+        ends without having written state (an unknown name, input refused) leaves no directory behind."""
+        made = [d for d in reversed(self.path.parents) if not d.exists()] + ([] if self.path.exists() else [self.path])
         self.create_dirs()
+        try:
+            with self._locked(command):
+                yield
+        finally:
+            if self.path in made and not self.state_file.exists() and self.path.is_dir():
+                import shutil
+
+                shutil.rmtree(self.path, ignore_errors=True)
+                for d in reversed(made[:-1]):  # DCX_HOME, clusters/ (...) when this made them, if still empty
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+
+    @contextlib.contextmanager
+    def _locked(self, command: str) -> Iterator[None]:
         info_file = self.path / "lock.json"
-        lock = filelock.FileLock(str(self.path / "lock"), timeout=0)
+        lock = filelock.FileLock(str(self.path / "lock"), timeout=0, mode=0o600)
         try:
             lock.acquire()
         except filelock.Timeout:
@@ -197,7 +317,9 @@ class ClusterDir:
 
     def ensure_ssh_key(self) -> tuple[Path, str]:
         """The cluster's own ed25519 key pair, made on first use. Returns (private key path, public key)."""
-        ensure_private_dir(self.ssh_dir)
+        ensure_private_dir(self.ssh_dir, self.root / "clusters")
+        if self.private_key.exists() and not self.public_key_file.exists():
+            self._restore_public_key()
         if not self.private_key.exists():
             from cryptography.hazmat.primitives import serialization
             from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -209,7 +331,26 @@ class ClusterDir:
                 serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
             atomic_write(self.private_key, private, 0o600)
             atomic_write(self.public_key_file, f"{public} dcx-{self.name}\n", 0o600)
-        return self.private_key, self.public_key_file.read_text().strip()
+        try:
+            return self.private_key, self.public_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DamagedState(f"{self.public_key_file}: {read_problem(exc)}; delete it and dcx derives it "
+                               f"again from {self.private_key}") from None
+
+    def _restore_public_key(self) -> None:
+        """A lost public key file is derived again from the private key (which is what matters)."""
+        from cryptography.hazmat.primitives import serialization
+
+        try:
+            key = serialization.load_ssh_private_key(self.private_key.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise DamagedState(f"{self.private_key}: not an unencrypted OpenSSH private key ({read_problem(exc)}); "
+                               f"the cluster's nodes cannot be reached with it: remove the cluster with "
+                               f"`dcx cluster destroy -f SPEC`, or move {self.path} aside") from None
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        atomic_write(self.public_key_file, f"{public.decode()} dcx-{self.name}\n", 0o600)
+
+
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -227,10 +368,27 @@ class StateStore:
         return ClusterDir(self.root, name)
 
     def names(self) -> list[str]:
+        """Clusters with a state file here (readable or not). Entries that could not be dcx's (names a
+        cluster cannot have) are not listed."""
         base = self.root / "clusters"
         if not base.is_dir():
             return []
-        return sorted(p.name for p in base.iterdir() if (p / "state.json").exists())
+        return sorted(p.name for p in base.iterdir()
+                      if CLUSTER_NAME_RE.match(p.name) and len(p.name) <= CLUSTER_NAME_MAX
+                      and (p / "state.json").exists())
+
+    def others_writable(self) -> str:
+        """Why files under this DCX_HOME could be someone else's doing ("" when only we can write there)."""
+        for path in (self.root, self.root / "clusters"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                return f"{path} is writable by other users"
+            if st.st_uid != os.getuid():
+                return f"{path} belongs to another user"
+        return ""
 
 
 def new_cluster_id() -> str:

@@ -15,9 +15,13 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
-from dcx.errors import SpecError
+from dcx.errors import SpecError, read_problem
 
 PathItem = str | int
+# Specs and inventories are hand-written: a megabyte is far beyond any real one, and the limits keep
+# a hostile file (an alias bomb, /dev/zero, 50 MB) from taking minutes or all memory.
+MAX_BYTES = 1024 * 1024
+MAX_VALUES = 200_000  # values after aliases are expanded
 
 
 class Locator:
@@ -55,11 +59,19 @@ def format_path(path: Sequence[PathItem]) -> str:
     return out
 
 
-def _plain(node: Any) -> Any:
+class _TooBig(Exception):
+    pass
+
+
+def _plain(node: Any, budget: list[int]) -> Any:
+    """Plain dicts and lists. Aliases are expanded here, so the number of values made is counted."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooBig
     if isinstance(node, dict):
-        return {str(k) if not isinstance(k, str) else k: _plain(v) for k, v in node.items()}
+        return {str(k) if not isinstance(k, str) else k: _plain(v, budget) for k, v in node.items()}
     if isinstance(node, list):
-        return [_plain(v) for v in node]
+        return [_plain(v, budget) for v in node]
     return node
 
 
@@ -73,17 +85,49 @@ def load_yaml_text(text: str, file: str) -> tuple[Any, Locator]:
         line = mark.line + 1 if mark else None
         problem = (exc.problem or exc.context or "invalid YAML").strip()
         raise SpecError(file, line, "", f"invalid YAML: {problem}") from None
+    except RecursionError:
+        raise SpecError(file, None, "", "invalid YAML: nested too deeply") from None
     except Exception as exc:  # ruamel raises a few non-marked errors (e.g. duplicate keys)
         raise SpecError(file, None, "", f"invalid YAML: {exc}".splitlines()[0]) from None
-    return _plain(doc), Locator(file, doc)
+    try:
+        return _plain(doc, [MAX_VALUES]), Locator(file, doc)
+    except _TooBig:
+        raise SpecError(file, None, "", f"more than {MAX_VALUES} values once aliases are expanded "
+                                        "(an alias bomb?)") from None
+    except RecursionError:
+        raise SpecError(file, None, "", "nested too deeply (an alias that contains itself?)") from None
+
+
+def read_text_file(path: str | Path, what: str = "file") -> str:
+    """A small UTF-8 text file, or a one-line SpecError saying why not (never a Python class name):
+    devices, FIFOs and directories are refused without reading, and at most MAX_BYTES are read."""
+    import os
+    import stat
+
+    name = str(path)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise SpecError(name, None, "", f"{what} not found") from None
+    except OSError as exc:
+        raise SpecError(name, None, "", read_problem(exc)) from None
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise SpecError(name, None, "", "is a directory, not a file")
+        if not stat.S_ISREG(mode):
+            raise SpecError(name, None, "", "is not a regular file (a device, pipe or socket)")
+        try:
+            data = fh.read(MAX_BYTES + 1)
+        except OSError as exc:
+            raise SpecError(name, None, "", read_problem(exc)) from None
+    if len(data) > MAX_BYTES:
+        raise SpecError(name, None, "", f"is larger than {MAX_BYTES // 1024 // 1024} MiB; a {what} is far smaller")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(name, None, "", read_problem(exc)) from None
 
 
 def load_yaml(path: str | Path) -> tuple[Any, Locator]:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(str(path), None, "", "file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(str(path), None, "", f"cannot read: {exc.__class__.__name__}") from None
-    return load_yaml_text(text, str(path))
+    return load_yaml_text(read_text_file(path), str(path))

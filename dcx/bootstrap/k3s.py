@@ -32,6 +32,7 @@ from dcx.bootstrap.engines import ClusterEngine, NodeHealth, engine_address
 from dcx.bootstrap.mesh import IFACE as MESH_IFACE
 from dcx.bootstrap.mesh import private_address
 from dcx.bootstrap.phases import Host, Phase, RunContext, run_phases
+from dcx.bootstrap.runtime import RUNNING_FUNCTION
 from dcx.errors import OperationFailed
 from dcx.log import log, register_secret
 from dcx.shell import cmd, q
@@ -348,7 +349,7 @@ def detached_start_command(role: str) -> str:
     """No init system: `k3s server|agent` in its own session, pidfile and log, unless it runs already.
     It reads /etc/rancher/k3s/config.yaml itself. The modprobes are the service unit's ExecStartPre."""
     return (f"mkdir -p /run/dcx; modprobe br_netfilter 2>/dev/null; modprobe overlay 2>/dev/null; "
-            f"if [ -f {PIDFILE} ] && kill -0 \"$(cat {PIDFILE})\" 2>/dev/null; then :; else "
+            f"{RUNNING_FUNCTION}; if running \"$(cat {PIDFILE} 2>/dev/null)\" k3s; then :; else "
             f"setsid {BIN} {role} >>{LOG} 2>&1 </dev/null & echo $! > {PIDFILE}; fi")
 
 

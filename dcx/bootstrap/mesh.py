@@ -13,6 +13,11 @@ it up through systemd (wg-quick@dcx0) where systemd runs, directly otherwise; wg
 back to wireguard-go where the kernel has no WireGuard. Peer changes are applied with `wg syncconf`
 without restarting the interface. `Table = off`: the interface address covers the whole mesh range,
 so no per-peer routes are needed.
+
+"Configured" is decided from the interface itself (up, its address, MTU and port, its key, every
+peer's key, AllowedIPs and keepalive, read with `wg show dcx0 dump` on the node and never printing the
+private key) and from the file dcx last applied, renamed into place only after it was applied: a run
+killed at any instant leaves something the next run sees as not done.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import ipaddress
 import time
 from typing import Any
 
-from dcx.bootstrap.phases import Host, Phase, RunContext
+from dcx.bootstrap.phases import Host, Phase, RunContext, kill_point
 from dcx.errors import OperationFailed
 from dcx.shell import q
 
@@ -32,7 +37,6 @@ CONF = f"/etc/wireguard/{IFACE}.conf"
 PUBLIC_CONF = f"{KEY_DIR}/{IFACE}.public.conf"  # the config without the private key: what dcx compares
 MTU = 1420
 KEEPALIVE = 25
-HANDSHAKE_FRESH = 180  # seconds: WireGuard re-handshakes every 2 minutes on an active tunnel
 
 
 def networks(ctx: RunContext) -> set[str]:
@@ -111,23 +115,117 @@ def wireguard_install_commands(facts: Any) -> list[str]:
     raise OperationFailed(f"unsupported OS '{facts.os_id}' for the WireGuard mesh: install wireguard-tools first")
 
 
-KEYGEN = (f"umask 077; mkdir -p {KEY_DIR} /etc/wireguard; "
-          f"[ -s {KEY_DIR}/private.key ] || wg genkey > {KEY_DIR}/private.key; wg pubkey < {KEY_DIR}/private.key")
+# Made under a temporary name and renamed: a run killed meanwhile never leaves a partial key behind.
+KEYGEN = (f"umask 077; mkdir -p {KEY_DIR} /etc/wireguard; [ -s {KEY_DIR}/private.key ] || "
+          f"{{ wg genkey > {KEY_DIR}/private.key.new && mv {KEY_DIR}/private.key.new {KEY_DIR}/private.key; }}; "
+          f"wg pubkey < {KEY_DIR}/private.key")
 
 
-def up_commands(init: str) -> str:
-    """Apply dcx0.conf: syncconf when the interface exists (peers change, tunnel stays), else bring it up."""
-    start = (f"systemctl enable --now wg-quick@{IFACE}" if init == "systemd" else f"wg-quick up {IFACE}")
-    return (f"if ip link show {IFACE} >/dev/null 2>&1; then "
-            f"wg-quick strip {IFACE} > {KEY_DIR}/stripped.conf && wg syncconf {IFACE} {KEY_DIR}/stripped.conf; "
-            f"else {start}; fi")
+STRIPPED = f"{KEY_DIR}/stripped.conf"
 
 
-def write_conf_command() -> str:
-    """Compose the config on the node: the private key is read there; the rest arrives on stdin."""
-    return (f"umask 077; mkdir -p /etc/wireguard {KEY_DIR}; cat > {PUBLIC_CONF}.new && "
-            f"{{ printf '[Interface]\\nPrivateKey = %s\\n' \"$(cat {KEY_DIR}/private.key)\"; cat {PUBLIC_CONF}.new; }}"
-            f" > {CONF}.new && chmod 600 {CONF}.new && mv {CONF}.new {CONF} && mv {PUBLIC_CONF}.new {PUBLIC_CONF}")
+def apply_command(init: str, restart: bool) -> str:
+    """Compose the config on the node (the private key is read there; the rest arrives on stdin), apply
+    it, and only then rename the public copy into place: that copy is what dcx compares next time.
+
+    `restart` (the interface is missing, down or has the wrong address, MTU or port): take it down and
+    bring it up from the new file. Otherwise only peers differ: `wg syncconf` changes them without
+    restarting the tunnel."""
+    compose = (f"umask 077; set -e; mkdir -p /etc/wireguard {KEY_DIR}; cat > {PUBLIC_CONF}.new; "
+               f"{{ printf '[Interface]\\nPrivateKey = %s\\n' \"$(cat {KEY_DIR}/private.key)\"; "
+               f"cat {PUBLIC_CONF}.new; }} > {CONF}.new; mv {CONF}.new {CONF}")  # wg-quick reads it by name
+    if not restart:
+        apply = f"wg-quick strip {IFACE} > {STRIPPED}; wg syncconf {IFACE} {STRIPPED}; rm -f {STRIPPED}"
+        if init == "systemd":
+            apply += f"; systemctl is-enabled -q wg-quick@{IFACE} || systemctl enable -q wg-quick@{IFACE}"
+    elif init == "systemd":
+        apply = (f"systemctl stop wg-quick@{IFACE} >/dev/null 2>&1 || true; ip link del {IFACE} >/dev/null 2>&1 "
+                 f"|| true; systemctl reset-failed wg-quick@{IFACE} >/dev/null 2>&1 || true; "
+                 f"systemctl enable --now wg-quick@{IFACE}")
+    else:
+        apply = (f"wg-quick down {IFACE} >/dev/null 2>&1 || true; ip link del {IFACE} >/dev/null 2>&1 || true; "
+                 f"wg-quick up {IFACE}")
+    return f"{compose}; {apply}; mv {PUBLIC_CONF}.new {PUBLIC_CONF}; rm -f {STRIPPED}"  # older dcx left it 0644
+
+
+# What the node's interface holds, without its private key: the dump's first line is the interface
+# (private key, public key, port, fwmark), the others are peers (public key, preshared key, endpoint,
+# allowed ips, latest handshake, rx, tx, keepalive) -- wg(8), `wg show ... dump`.
+FACTS_COMMAND = (
+    f"ip -o link show dev {IFACE} 2>/dev/null | sed -n 's/^[0-9]*: [^:]*: <\\([^>]*\\)>.* mtu \\([0-9]*\\).*/"
+    f"link=\\1 \\2/p'; "
+    f"ip -o -4 addr show dev {IFACE} 2>/dev/null | awk '{{print \"addr=\" $4}}'; "
+    f"wg show {IFACE} dump 2>/dev/null | awk -F '\\t' 'NR==1 {{print \"self=\" $2 \" \" $3; next}} "
+    f"{{print \"peer=\" $1 \" \" $4 \" \" $8}}'; "
+    f"echo \"conf=$(sha256sum {PUBLIC_CONF} 2>/dev/null | cut -d' ' -f1)\"")
+
+
+def parse_link_facts(text: str) -> dict[str, Any]:
+    """FACTS_COMMAND's output: flags, mtu, addresses, self (key, port), peers {key: (ips, keepalive)}, conf."""
+    out: dict[str, Any] = {"flags": set(), "mtu": "", "addresses": [], "self": None, "peers": {}, "conf": ""}
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key == "link":
+            flags, _, mtu = value.partition(" ")
+            out["flags"], out["mtu"] = set(flags.split(",")), mtu
+        elif key == "addr":
+            out["addresses"].append(value)
+        elif key == "self":
+            out["self"] = tuple(value.split(" ", 1))
+        elif key == "peer":
+            fields = value.split(" ")
+            if len(fields) == 3:
+                out["peers"][fields[0]] = (",".join(sorted(fields[1].split(","))), fields[2])
+        elif key == "conf":
+            out["conf"] = value
+    return out
+
+
+def wanted_link(conf: str, pubkey: str) -> dict[str, Any]:
+    """What the interface must hold for the public config `conf` (as render_public_conf makes it)."""
+    want: dict[str, Any] = {"peers": {}}
+    peer: dict[str, str] | None = None
+    for raw in conf.splitlines() + ["[Peer]"]:
+        line = raw.strip()
+        if line == "[Peer]":
+            if peer and peer.get("PublicKey"):
+                ips = ",".join(sorted(a.strip() for a in peer.get("AllowedIPs", "").split(",") if a.strip()))
+                want["peers"][peer["PublicKey"]] = (ips or "(none)", peer.get("PersistentKeepalive", "off"))
+            peer = {}
+            continue
+        key, sep, value = line.partition(" = ")
+        if not sep:
+            continue
+        if peer is None:
+            want[key] = value
+        else:
+            peer[key] = value
+    want["self"] = (pubkey, want.get("ListenPort", ""))
+    return want
+
+
+def link_differences(facts: dict[str, Any], want: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(what needs the interface restarted, what `wg syncconf` fixes): empty lists when it is as configured."""
+    restart = []
+    if facts["self"] is None:
+        restart.append(f"{IFACE} is missing" if not facts["flags"] else f"{IFACE} has no WireGuard device behind it")
+    elif facts["self"] != want["self"]:
+        restart.append(f"{IFACE} has another key or port")
+    if facts["flags"] and "UP" not in facts["flags"]:
+        restart.append(f"{IFACE} is down")
+    if facts["flags"] and facts["addresses"] != [want.get("Address")]:
+        restart.append(f"{IFACE} has address {' '.join(facts['addresses']) or 'none'}, not {want.get('Address')}")
+    if facts["flags"] and facts["mtu"] != want.get("MTU"):
+        restart.append(f"{IFACE} has MTU {facts['mtu']}, not {want.get('MTU')}")
+    sync = []
+    if facts["peers"] != want["peers"]:
+        have, need = set(facts["peers"].items()), set(want["peers"].items())
+        sync.append(f"{len(need - have)} peer(s) to set, {len(have - need)} to change or remove")
+    return restart, sync
+
+
+def read_link(host: Host) -> dict[str, Any]:
+    return parse_link_facts(host.run(FACTS_COMMAND, timeout=30).stdout)
 
 
 class InstallWireGuard(Phase):
@@ -150,59 +248,84 @@ class MeshKeys(Phase):
 
 
 class MeshConfigure(Phase):
+    """Done when the interface holds the config (see link_differences) and the file dcx applied last is
+    the one wanted; a node where either differs gets the config written and applied again."""
+
     title = "Configure the WireGuard mesh"
 
     def needs_run(self, ctx: RunContext, host: Host) -> bool:
-        want = hashlib.sha256(render_public_conf(ctx, host).encode()).hexdigest()
-        probe = host.run(f"sha256sum {PUBLIC_CONF} 2>/dev/null; ip link show {IFACE} >/dev/null 2>&1 && echo up",
-                         timeout=30).stdout
-        return not (probe.startswith(want) and probe.rstrip().endswith("up"))
+        conf = render_public_conf(ctx, host)
+        facts = read_link(host)
+        restart, sync = link_differences(facts, wanted_link(conf, host.data["mesh_pubkey"]))
+        host.data["mesh_restart"] = bool(restart)
+        return bool(restart or sync) or facts["conf"] != hashlib.sha256(conf.encode()).hexdigest()
 
     def run(self, ctx: RunContext, host: Host) -> None:
-        host.run(write_conf_command(), stdin=render_public_conf(ctx, host), timeout=60, check=True,
-                 what="writing the WireGuard config")
-        host.run(up_commands(host.facts.init), timeout=120, check=True, what="bringing up WireGuard")
+        conf = render_public_conf(ctx, host)
+        kill_point("mesh:before-apply")
+        host.run(apply_command(host.facts.init, host.data.get("mesh_restart", True)), stdin=conf, timeout=120,
+                 check=True, what="applying the WireGuard config")
+        kill_point("mesh:after-apply")
+        restart, sync = link_differences(read_link(host), wanted_link(conf, host.data["mesh_pubkey"]))
+        if restart or sync:
+            raise OperationFailed(f"the WireGuard config was applied but {IFACE} does not hold it: "
+                                  + "; ".join(restart + sync))
+
+
+PING_WAIT = 2  # seconds a peer has to answer over the mesh (one ping a second until then)
+
+
+def ping_command(addresses: list[str]) -> str:
+    """One ping per peer, all at once; prints `up ADDR` or `down ADDR` for each. A reply means the peer
+    answers over the tunnel now (a handshake can be minutes old on a path that is gone)."""
+    each = [f"{{ ping -n -q -c 1 -w {PING_WAIT} {q(a)} >/dev/null 2>&1 && echo up {q(a)} || echo down {q(a)}; }} &"
+            for a in addresses]
+    return " ".join(each + ["wait"])
+
+
+def parse_pings(text: str) -> dict[str, bool]:
+    return {parts[1]: parts[0] == "up" for parts in (line.split() for line in text.splitlines())
+            if len(parts) == 2 and parts[0] in ("up", "down")}
 
 
 class MeshVerify(Phase):
-    """Every node must have a fresh handshake with every peer before the engine relies on the mesh."""
+    """Every node must reach every peer over the mesh before the engine relies on it."""
 
-    title = "Verify the mesh (handshakes with every peer)"
+    title = "Verify the mesh (every peer answers)"
     read_only = True
     timeout = 60.0
 
     def run(self, ctx: RunContext, host: Host) -> None:
-        expected = {h.data["mesh_pubkey"]: h.name for h in ctx.hosts if h is not host}
+        peers = {h.data["mesh_address"]: h for h in ctx.hosts if h is not host}
         deadline = time.monotonic() + self.timeout
         while True:
-            # Traffic makes handshakes happen now rather than at the next keepalive.
-            pings = " ".join(f"ping -c1 -W1 {q(h.data['mesh_address'])} >/dev/null 2>&1 &" for h in ctx.hosts
-                             if h is not host)
-            host.run(f"{pings} wait", timeout=30)
-            fresh = handshakes(host)
-            missing = [name for key, name in expected.items() if key not in fresh]
+            # The first packets also make WireGuard handshake now rather than at the next keepalive.
+            answered = parse_pings(host.run(ping_command(list(peers)), timeout=30).stdout)
+            missing = [h for a, h in peers.items() if not answered.get(a)]
             if not missing:
                 return
             if time.monotonic() > deadline:
-                raise OperationFailed(
-                    f"no WireGuard handshake with {', '.join(sorted(missing))} after {self.timeout:.0f}s: check that "
-                    f"UDP {ctx.spec.spec.network.meshPort} reaches those nodes (firewall, NAT port forward, or set "
-                    "their mesh endpoint: inventory dcx_mesh_endpoint=HOST:PORT)")
+                raise OperationFailed(self._why(ctx, host, missing))
             time.sleep(1.0)
 
+    def _why(self, ctx: RunContext, host: Host, missing: list[Host]) -> str:
+        """A node whose interface is down is named as such; only then are UDP paths suspected."""
+        names = ", ".join(sorted(h.name for h in missing))
+        down = [h.name for h in [host, *missing] if not link_up(h)]
+        if down:
+            return (f"no answer over the mesh from {names} after {self.timeout:.0f}s: {IFACE} is not up on "
+                    f"{', '.join(down)} (a re-run brings it up)")
+        return (f"no answer over the mesh from {names} after {self.timeout:.0f}s: check that UDP "
+                f"{ctx.spec.spec.network.meshPort} reaches those nodes (firewall, NAT port forward, or set their "
+                "mesh endpoint: inventory dcx_mesh_endpoint=HOST:PORT)")
 
-def handshakes(host: Host) -> dict[str, int]:
-    """Peers (public keys) with a handshake in the last HANDSHAKE_FRESH seconds -> age in seconds."""
-    out = host.run(f"wg show {IFACE} latest-handshakes; echo now=$(date +%s)", timeout=30).stdout
-    now = 0
-    rows = []
-    for line in out.splitlines():
-        if line.startswith("now="):
-            now = int(line[4:] or 0)
-        elif line.strip():
-            key, _, stamp = line.partition("\t")
-            rows.append((key.strip(), int(stamp.strip() or 0)))
-    return {k: now - t for k, t in rows if t and now - t <= HANDSHAKE_FRESH}
+
+def link_up(host: Host) -> bool:
+    try:
+        facts = read_link(host)
+    except Exception:  # noqa: BLE001 - a node that cannot be asked is not up either
+        return False
+    return "UP" in facts["flags"] and facts["self"] is not None
 
 
 def mesh_phases(ctx: RunContext) -> list[Phase]:
@@ -224,27 +347,25 @@ def mesh_reset_phases(ctx: RunContext) -> list[Phase]:
     return [MeshReset()]
 
 
-def mesh_health(ctx: RunContext, addresses: dict[str, str], timeout: float = 10.0) -> dict[str, dict[str, Any]]:
-    """For `dcx cluster status`: per node, how many of its expected peers had a recent handshake.
+def probe_command(peers: list[str]) -> str:
+    """For `dcx cluster status`: the interface's state and address, and which peers answer now."""
+    return (f"ip -o link show dev {IFACE} 2>/dev/null | sed -n 's/^[0-9]*: [^:]*: <\\([^>]*\\)>.*/link=\\1/p'; "
+            f"ip -o -4 addr show dev {IFACE} 2>/dev/null | awk '{{print \"addr=\" $4}}'; " + ping_command(peers))
 
-    A quick ping to every peer first, so an idle but healthy tunnel handshakes now rather than being
-    reported stale. Peers are counted by what the node's interface holds; expected is every other
-    node with a mesh address."""
-    from dcx.bootstrap.ssh import connect_with_retry, fan_out
 
-    def one(host: Host) -> dict[str, Any]:
-        row: dict[str, Any] = {"address": addresses.get(host.name, ""), "peers_expected": 0, "peers_up": 0}
-        if not row["address"]:
-            return row
-        peers = [a for n, a in addresses.items() if n != host.name]
-        row["peers_expected"] = len(peers)
-        try:
-            connect_with_retry(host.conn, timeout)
-            pings = " ".join(f"ping -c1 -W1 {q(a)} >/dev/null 2>&1 &" for a in peers)
-            host.run(f"{pings} wait", timeout=30)
-            row["peers_up"] = len(handshakes(host))
-        except Exception as exc:  # noqa: BLE001 - reported in the row
-            row["error"] = getattr(exc, "message", str(exc))
-        return row
-
-    return {h.name: row or {"error": str(err)} for h, row, err in fan_out(one, ctx.hosts, ctx.parallel)}
+def parse_probe(text: str, address: str, peers: dict[str, str]) -> dict[str, Any]:
+    """The status row of one node: `peers` is name -> mesh address of every other node. A peer is up
+    only when it answered a ping over the mesh just now."""
+    flags: set[str] = set()
+    addresses = []
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key == "link":
+            flags = set(value.split(","))
+        elif key == "addr":
+            addresses.append(value.split("/")[0])
+    answered = parse_pings(text)
+    link = "absent" if not flags else ("up" if "UP" in flags and address in addresses else "down")
+    down = sorted(n for n, a in peers.items() if not answered.get(a))
+    return {"address": address, "link": link, "peers_expected": len(peers), "peers_up": len(peers) - len(down),
+            "peers_down": down}

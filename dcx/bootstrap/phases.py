@@ -9,6 +9,8 @@ picks up from there.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -138,12 +140,25 @@ def describe_error(exc: BaseException) -> tuple[str, str]:
     return f"{type(exc).__name__}: {text}", ""
 
 
+KILL_AT = "DCX_TEST_KILL_AT"
+
+
+def kill_point(name: str) -> None:
+    """Tests only: with DCX_TEST_KILL_AT=NAME set, dcx kills itself with SIGKILL here, as `kill -9` would,
+    to prove a re-run converges from that instant. Points: `phase:TITLE` as a phase starts, and
+    `mesh:before-apply`, `mesh:after-apply` (dcx.bootstrap.mesh). Unset (always, outside tests), this
+    does nothing."""
+    if os.environ.get(KILL_AT) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def run_phases(ctx: RunContext, phases: list[Phase]) -> None:
     for phase in phases:
         run_phase(ctx, phase)
 
 
 def run_phase(ctx: RunContext, phase: Phase) -> None:
+    kill_point(f"phase:{phase.title}")
     hosts = phase.hosts(ctx)
     if not hosts:
         return

@@ -219,12 +219,22 @@ def docker_start_commands(facts: Facts) -> list[str]:
     if facts.init == "openrc":
         return ["rc-update add docker default", "rc-service docker start"]
     # No init system (containers, the local provider's namespace nodes): a detached dockerd with a
-    # pidfile, started only when none is running for this host.
+    # pidfile, started only when none is running for this host. A pidfile naming a dead dockerd is removed
+    # (dockerd refuses to start while the PID's /proc entry exists), and so is its containerd's.
     return [
         "mkdir -p /run/dcx",
-        f"if [ -f {DOCKERD_PIDFILE} ] && kill -0 \"$(cat {DOCKERD_PIDFILE})\" 2>/dev/null; then :; else "
-        f"setsid dockerd --pidfile {q(DOCKERD_PIDFILE)} >>{q(DOCKERD_LOG)} 2>&1 </dev/null & fi",
+        f"{RUNNING_FUNCTION}; if running \"$(cat {DOCKERD_PIDFILE} 2>/dev/null)\" dockerd; then :; else "
+        f"rm -f {DOCKERD_PIDFILE}; running \"$(cat {CONTAINERD_PIDFILE} 2>/dev/null)\" containerd || "
+        f"rm -f {CONTAINERD_PIDFILE}; setsid dockerd --pidfile {q(DOCKERD_PIDFILE)} >>{q(DOCKERD_LOG)} 2>&1 </dev/null "
+        "& fi",
     ]
+
+
+CONTAINERD_PIDFILE = "/run/docker/containerd/containerd.pid"  # the containerd dockerd starts itself
+# `running PID PROGRAM`: the PID runs that program now. `kill -0` is not enough: it succeeds for a zombie
+# (where nothing reaps, a killed daemon stays one) and for an unrelated process that reused the PID.
+RUNNING_FUNCTION = ('running() { case "$(readlink "/proc/$1/exe" 2>/dev/null)" in */"$2"|*/"$2 (deleted)") '
+                    'return 0;; esac; return 1; }')
 
 
 class InstallRuntime(Phase):

@@ -1,6 +1,10 @@
 """SSH connections (paramiko): one per host for the whole run, commands with timeouts, sudo, upload,
 wait-for-SSH while machines boot, host-key trust on first use, and fan-out over a bounded pool.
 
+A connection never holds more sessions at once than its server accepts (sshd's MaxSessions: 10 by
+default, 1 or 2 on hardened hosts): the limit is learned from the first refused session, later opens
+queue for a free one, and a refusal is retried, never a failure of its own.
+
 Every command is sent through `sh -c` with PATH extended by the sbin directories (non-login
 sessions often lack them), wrapped in `sudo -n` when the login user is not root.
 """
@@ -8,11 +12,12 @@ sessions often lack them), wrapped in `sudo -n` when the login user is not root.
 from __future__ import annotations
 
 import base64
+import contextlib
 import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -124,14 +129,103 @@ class _TofuPolicy(paramiko.MissingHostKeyPolicy):
         self.store.check(self.target, key)
 
 
+# OpenSSH refuses a session past MaxSessions with SSH2_OPEN_CONNECT_FAILED (code 2, text "open failed";
+# serverloop.c server_input_channel_open; paramiko says "Connect failed"). RFC 4254 section 5.1 also
+# names SSH_OPEN_RESOURCE_SHORTAGE (4), which other servers may answer.
+SESSION_REFUSED_CODES = (2, 4)
+# Refusals while none of dcx's sessions is open on the connection (so no queue can help): give up after.
+REFUSAL_PATIENCE = 20.0
+
+
+def _is_refusal(exc: paramiko.SSHException, transport: paramiko.Transport | None) -> bool:
+    """The server answered a session open with a refusal. paramiko keeps the last refusal's exception on
+    the transport, not per channel: with several opens refused at once, only one caller gets it and the
+    others get "Unable to open channel." from a transport that is still up."""
+    if isinstance(exc, paramiko.ChannelException):
+        return exc.code in SESSION_REFUSED_CODES
+    return str(exc) == "Unable to open channel." and transport is not None and transport.is_active()
+
+
+class SessionRefused(OperationFailed):
+    """The server of this connection keeps refusing sessions: names that host, not the caller's."""
+
+    def __init__(self, target: Target, exc: paramiko.SSHException, seconds: float) -> None:
+        why = f"ChannelException({exc.code}, {exc.text!r})" if isinstance(exc, paramiko.ChannelException) else str(exc)
+        super().__init__(
+            f"{target.name} ({target.label}) refused every new SSH session for {seconds:.0f}s ({why}) "
+            "with none of dcx's sessions open on the connection",
+            hint=f"check MaxSessions in {target.name}'s sshd_config (0 allows no sessions at all)")
+
+
+class SessionGate:
+    """How many sessions one connection may hold at once, learned from the server's refusals.
+
+    Until a refusal the limit is unknown and opens go straight through. After one, the limit is the most
+    sessions that were ever open at once (the server accepted that many, so it never drops below what
+    worked), and opens queue here for a free slot instead of being refused again.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.limit: int | None = None
+        self.open = 0  # confirmed by the server, not yet released
+        self.opening = 0  # asked for, no answer yet
+        self.most = 0
+
+    def acquire(self, deadline: float) -> bool:
+        """Take a slot; False when none came free before `deadline`."""
+        with self._cond:
+            while self.limit is not None and self.open + self.opening >= self.limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            self.opening += 1
+            return True
+
+    def opened(self) -> None:
+        with self._cond:
+            self.opening -= 1
+            self.open += 1
+            self.most = max(self.most, self.open)
+            self._cond.notify_all()
+
+    def failed(self) -> None:
+        with self._cond:
+            self.opening -= 1
+            self._cond.notify_all()
+
+    def refused(self) -> int:
+        """Learn from a refusal. Returns how many of our sessions are open (0: the refusal was not about
+        ours, or about one the server had not freed yet)."""
+        with self._cond:
+            self.opening -= 1
+            # Opens sent before this one may still be confirmed: the server counted them.
+            deadline = time.monotonic() + 5.0
+            while self.opening > 0 and time.monotonic() < deadline:
+                self._cond.wait(0.1)
+            self.limit = max(1, self.most)
+            self._cond.notify_all()
+            return self.open
+
+    def release(self) -> None:
+        with self._cond:
+            self.open -= 1
+            self._cond.notify_all()
+
+
 class Connection:
-    def __init__(self, target: Target, keys: HostKeyStore, key_passphrase: str | None = None) -> None:
+    def __init__(self, target: Target, keys: HostKeyStore, key_passphrase: str | None = None,
+                 jumps: Callable[[Target], Connection] | None = None) -> None:
         self.target = target
         self._keys = keys
         self._passphrase = key_passphrase
         self._client: paramiko.SSHClient | None = None
+        self._jumps = jumps  # where a jump host's connection comes from (shared), else one of our own
         self._jump: Connection | None = None
         self._lock = threading.Lock()
+        self._gate = SessionGate()
+        self._round_trip_lock = threading.Lock()  # paramiko waits for one global reply at a time
 
     @property
     def is_root(self) -> bool:
@@ -141,7 +235,7 @@ class Connection:
         t = self.target
         if t.jump is not None:
             if self._jump is None:
-                self._jump = Connection(t.jump, self._keys, self._passphrase)
+                self._jump = self._jumps(t.jump) if self._jumps else Connection(t.jump, self._keys, self._passphrase)
             jump_client = self._jump.client(timeout)
             transport = jump_client.get_transport()
             assert transport is not None
@@ -190,7 +284,8 @@ class Connection:
                 self._client.close()
                 self._client = None
         if self._jump is not None:
-            self._jump.close()
+            if self._jumps is None:  # a shared jump connection is closed by its Sessions
+                self._jump.close()
             self._jump = None
 
     def wrap(self, command: str, sudo: bool = True) -> tuple[str, bytes]:
@@ -213,22 +308,10 @@ class Connection:
         check: bool = False,
         what: str | None = None,
     ) -> Result:
-        wrapped, prefix = self.wrap(command, sudo)
-        data = prefix + (stdin.encode() if isinstance(stdin, str) else (stdin or b""))
+        data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
         log.debug("%s: run: %s", self.target.name, command)
         started = time.monotonic()
-        transport = self.client().get_transport()
-        assert transport is not None
-        chan = transport.open_session(timeout=30)
-        try:
-            chan.exec_command(wrapped)
-            if data:
-                chan.sendall(data)
-            chan.shutdown_write()
-            out, err = _drain(chan, started + timeout, self.target.name)
-            code = chan.recv_exit_status()
-        finally:
-            chan.close()
+        code, out, err = self._execute(command, data, started + timeout, sudo=sudo, close_stdin=True)
         result = Result(code, out.decode(errors="replace"), err.decode(errors="replace"))
         log.debug("%s: exit %d in %.2fs%s", self.target.name, code, time.monotonic() - started,
                   ("\n" + result.tail(20)) if code else "")
@@ -236,29 +319,109 @@ class Connection:
             raise CommandFailed(self.target.name, what or command.split()[0], result)
         return result
 
+    def exchange(self, command: str, request: bytes, *, timeout: float, sudo: bool = True) -> tuple[int, bytes, bytes]:
+        """Run `command`, write `request` to its stdin and keep stdin open until the command exits: for a
+        conversation with a program that ends it itself (an HTTP exchange over `docker system dial-stdio`).
+        Returns (exit code, stdout, stderr) as bytes."""
+        log.debug("%s: exchange over: %s", self.target.name, command)
+        return self._execute(command, request, time.monotonic() + timeout, sudo=sudo, close_stdin=False)
+
+    def _execute(self, command: str, data: bytes, deadline: float, *, sudo: bool,
+                 close_stdin: bool) -> tuple[int, bytes, bytes]:
+        wrapped, prefix = self.wrap(command, sudo)
+        chan = self._open_session(deadline)
+        try:
+            chan.exec_command(wrapped)
+            if prefix or data:
+                chan.sendall(prefix + data)
+            if close_stdin:
+                chan.shutdown_write()
+            out, err = _drain(chan, deadline, self.target.name)
+            return chan.recv_exit_status(), out, err
+        finally:
+            self._close_session(chan)
+
+    def _open_session(self, deadline: float) -> paramiko.Channel:
+        """A session channel within what the server accepts: wait for a free slot, retry refusals."""
+        delay = 0.01
+        refused_alone_since: float | None = None
+        while True:
+            if not self._gate.acquire(deadline):
+                raise OperationFailed(f"timed out waiting for a free SSH session on {self.target.name} "
+                                      f"({self.target.label}): its sshd allows {self._gate.limit} at once")
+            transport = None
+            try:
+                transport = self.client().get_transport()
+                assert transport is not None
+                chan = transport.open_session(timeout=30)
+            except paramiko.SSHException as exc:
+                if not _is_refusal(exc, transport):
+                    self._gate.failed()
+                    raise
+                ours = self._gate.refused()
+                log.debug("%s: session refused (%s) with %d of dcx's open; limit now %s", self.target.name, exc,
+                          ours, self._gate.limit)
+                now = time.monotonic()
+                if ours:
+                    refused_alone_since = None
+                else:
+                    # Nothing of ours is open: a session the server has not freed yet, or none allowed at all.
+                    refused_alone_since = refused_alone_since or now
+                    if now - refused_alone_since > REFUSAL_PATIENCE or now + delay > deadline:
+                        raise SessionRefused(self.target, exc, now - refused_alone_since) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            except BaseException:
+                self._gate.failed()
+                raise
+            self._gate.opened()
+            return chan
+
+    def _close_session(self, chan: paramiko.Channel) -> None:
+        try:
+            chan.close()
+            transport = chan.get_transport()
+            if self._gate.limit is not None and transport is not None and transport.is_active():
+                # sshd frees a closed session on its next loop turn, after reading our CLOSE: an open sent
+                # right behind it is refused. A round trip (a keepalive it answers) orders the next open
+                # after that turn; paid only on connections whose limit binds.
+                with self._round_trip_lock:
+                    transport.global_request("keepalive@openssh.com", wait=True)
+        finally:
+            self._gate.release()
+
+    @contextlib.contextmanager
+    def _sftp(self) -> Iterator[paramiko.SFTPClient]:
+        """An SFTP client on a session of its own (it counts against MaxSessions like any other)."""
+        chan = self._open_session(time.monotonic() + DEFAULT_TIMEOUT)
+        try:
+            chan.invoke_subsystem("sftp")
+            sftp = paramiko.SFTPClient(chan)
+            try:
+                yield sftp
+            finally:
+                sftp.close()
+        finally:
+            self._close_session(chan)
+
     def upload(self, data: bytes, dest: str, mode: int = 0o644) -> None:
         """Write `data` to `dest` atomically (temp file, then rename), as root when sudo is needed."""
         if self.is_root:
             tmp = f"{dest}.dcx-tmp"
-            sftp = self.client().open_sftp()
-            try:
+            with self._sftp() as sftp:
                 with sftp.open(tmp, "wb") as fh:
                     fh.set_pipelined(True)
                     fh.write(data)
                 sftp.chmod(tmp, mode)
                 sftp.posix_rename(tmp, dest)
-            finally:
-                sftp.close()
             return
-        sftp = self.client().open_sftp()
         tmp = f"/tmp/.dcx-upload-{time.monotonic_ns()}"
-        try:
+        with self._sftp() as sftp:
             with sftp.open(tmp, "wb") as fh:
                 fh.set_pipelined(True)
                 fh.write(data)
             sftp.chmod(tmp, 0o600)
-        finally:
-            sftp.close()
         self.run(f"install -m {mode:o} {q(tmp)} {q(dest)}; rc=$?; rm -f {q(tmp)}; exit $rc",
                  check=True, what=f"install {dest}")
 
@@ -332,12 +495,16 @@ def connect_with_retry(conn: Connection, timeout: float, interval: float = 0.5) 
 
 
 class Sessions:
-    """One Connection per host, reused for the whole run."""
+    """One Connection per host, reused for the whole run, and one per jump host, shared by every host
+    reached through it: a bastion sees one login, not one per host behind it (its sshd's MaxStartups
+    drops logins that arrive together, 3:50:6 on hardened hosts). Forwarded connections do not count
+    against its MaxSessions (sshd_config(5))."""
 
     def __init__(self, keys: HostKeyStore, key_passphrase: str | None = None) -> None:
         self.keys = keys
         self._passphrase = key_passphrase
         self._conns: dict[str, Connection] = {}
+        self._jump_conns: dict[tuple[Any, ...], Connection] = {}
         self._lock = threading.Lock()
 
     def get(self, target: Target) -> Connection:
@@ -346,8 +513,16 @@ class Sessions:
             if conn is None or conn.target != target:
                 if conn is not None:
                     conn.close()
-                conn = Connection(target, self.keys, self._passphrase)
+                conn = Connection(target, self.keys, self._passphrase, jumps=self._jump)
                 self._conns[target.name] = conn
+            return conn
+
+    def _jump(self, target: Target) -> Connection:
+        key = _login_identity(target)
+        with self._lock:
+            conn = self._jump_conns.get(key)
+            if conn is None:
+                conn = self._jump_conns[key] = Connection(target, self.keys, self._passphrase, jumps=self._jump)
             return conn
 
     def drop(self, name: str) -> None:
@@ -358,10 +533,17 @@ class Sessions:
 
     def close(self) -> None:
         with self._lock:
-            conns = list(self._conns.values())
+            conns = list(self._conns.values()) + list(self._jump_conns.values())
             self._conns.clear()
-        for c in conns:
+            self._jump_conns.clear()
+        for c in conns:  # hosts before the jump hosts they go through
             c.close()
+
+
+def _login_identity(t: Target) -> tuple[Any, ...]:
+    """Two jump targets with the same identity log in the same way: one connection serves both."""
+    return (t.host, t.port, t.user, tuple(t.key_files), t.agent, t.default_keys,
+            _login_identity(t.jump) if t.jump else None)
 
 
 T = TypeVar("T")

@@ -1,19 +1,23 @@
 """Docker Swarm engine: init the first manager, join managers (one at a time) and workers, set
 labels and roles, verify through `docker node ls`.
 
-Join tokens are read from a manager at run time, registered with the redactor, and passed to the
-joining host on stdin (never on the SSH command string, never stored, never printed).
+Join tokens are read from a manager at run time (once per phase), registered with the redactor, and
+given to the joining node's daemon through the Engine API (`POST /swarm/join` over `docker system
+dial-stdio`, see docker_api): never on a command line (`docker swarm join --token` would show it to every
+local user in the process table), never in an environment, never stored, never printed.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
+from dcx.bootstrap import docker_api
+from dcx.bootstrap.docker_api import EngineAPIError
 from dcx.bootstrap.engines import ClusterEngine, NodeHealth, engine_address
 from dcx.bootstrap.phases import Host, Phase, RunContext, run_phases
-from dcx.bootstrap.ssh import CommandFailed
 from dcx.errors import OperationFailed
 from dcx.log import log, register_secret
 from dcx.shell import cmd
@@ -42,14 +46,20 @@ def init_command(advertise: str, data_path: str | None = None) -> str:
     return cmd(*argv)
 
 
-def join_command(advertise: str, manager_addr: str, data_path: str | None = None) -> str:
-    """The token arrives on stdin and lives only in a shell variable on the joining host."""
-    argv = ["docker", "swarm", "join", "--advertise-addr", advertise, "--listen-addr", f"{advertise}:{SWARM_PORT}"]
+def join_request(token: str, advertise: str, manager_addr: str, data_path: str | None = None) -> dict[str, Any]:
+    """The body of the Engine API's POST /swarm/join (what `docker swarm join` sends)."""
+    body: dict[str, Any] = {"ListenAddr": f"{advertise}:{SWARM_PORT}", "AdvertiseAddr": advertise,
+                            "RemoteAddrs": [f"{manager_addr}:{SWARM_PORT}"], "JoinToken": token}
     if data_path:
-        argv += ["--data-path-addr", data_path]
-    argv.append(f"{manager_addr}:{SWARM_PORT}")
-    head, _, tail = cmd(*argv).partition(" join ")
-    return 'IFS= read -r DCX_TOKEN; ' + head + ' join --token "$DCX_TOKEN" ' + tail
+        body["DataPathAddr"] = data_path
+    return body
+
+
+def join_swarm(host: Host, token: str, advertise: str, manager_addr: str, data_path: str | None = None) -> None:
+    """Join through the node's Engine API: the token stays in the request body on the SSH session's stdin.
+    The daemon answers when the node has joined (or has given up: its message says why)."""
+    docker_api.call(host.conn, "POST", "/swarm/join", join_request(token, advertise, manager_addr, data_path),
+                    what="docker swarm join", timeout=180)
 
 
 class GatherSwarmState(Phase):
@@ -57,10 +67,25 @@ class GatherSwarmState(Phase):
     read_only = True
 
     def run(self, ctx: RunContext, host: Host) -> None:
-        host.data["swarm"] = swarm_info(host)
+        host.data["swarm"] = settled_swarm_info(host)
 
     def prepare(self, ctx: RunContext) -> None:
         ctx.shared.pop("swarm_manager", None)
+
+
+PENDING_WAIT = 30.0  # seconds
+
+
+def settled_swarm_info(host: Host, timeout: float = PENDING_WAIT) -> dict[str, Any]:
+    """The node's swarm state once it has settled: a daemon restarted on a member (or whose mesh just came
+    back) reports "pending" while it reconnects, and is a member, not a node to join. A join that failed
+    stays pending: after `timeout` it is returned as it is."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = swarm_info(host)
+        if info.get("LocalNodeState") != "pending" or time.monotonic() > deadline:
+            return info
+        time.sleep(1.0)
 
 
 def find_manager(ctx: RunContext) -> Host | None:
@@ -122,19 +147,21 @@ class _Join(Phase):
         manager = manager_host(ctx)
         self._manager_addr = engine_address(ctx, manager)
         self._token: str | None = None
+        self._token_lock = threading.Lock()
         self._manager = manager
 
     def _get_token(self) -> str:
-        if self._token is None:
-            self._token = read_token(self._manager, self.role)
-        return self._token
+        # Once per phase, whatever the number of joining hosts: one session on the manager, not one each.
+        with self._token_lock:
+            if self._token is None:
+                self._token = read_token(self._manager, self.role)
+            return self._token
 
     def run(self, ctx: RunContext, host: Host) -> None:
         addr = engine_address(ctx, host)
         try:
-            host.run(join_command(addr, self._manager_addr, host.data.get("mesh_address")),
-                     stdin=self._get_token() + "\n", timeout=180, check=True, what="docker swarm join")
-        except CommandFailed as exc:
+            join_swarm(host, self._get_token(), addr, self._manager_addr, host.data.get("mesh_address"))
+        except EngineAPIError as exc:
             raise OperationFailed(exc.message, hint=unreachable_hint(ctx, host, self._manager)) from None
         host.data["swarm"] = swarm_info(host)
 

@@ -19,7 +19,7 @@ def create(
     file: Path = typer.Option(..., "--file", "-f", help="The cluster spec (cluster.yaml).", dir_okay=False),
     provision_only: bool = typer.Option(False, "--provision-only", help="Make and record the machines, then stop."),
     parallel: int = typer.Option(10, "--parallel", min=1, max=200, help="Hosts worked on at once."),
-    ssh_timeout: float = typer.Option(300.0, "--ssh-timeout", help="Seconds to wait for a machine's SSH."),
+    ssh_timeout: float = typer.Option(300.0, "--ssh-timeout", min=1, help="Seconds to wait for a machine's SSH."),
     ask_become_pass: bool = ASK_BECOME,
 ) -> None:
     """Create the cluster in FILE, or converge it to FILE (idempotent: re-run to resume)."""
@@ -96,10 +96,16 @@ def status(ctx: typer.Context, name: str = typer.Argument(..., help="Cluster nam
 
 
 def mesh_cell(mesh: dict) -> str:
-    """`2/2 peers` (handshakes recent out of expected), or why it could not be read."""
+    """`100.96.0.1 2/3 peers, down: b1` (peers answering over the mesh now, out of expected; which do
+    not), `dcx0 down`, or why it could not be read."""
     if mesh.get("error"):
         return f"unknown: {mesh['error']}"
-    return f"{mesh.get('address', '')} {mesh.get('peers_up', 0)}/{mesh.get('peers_expected', 0)} peers"
+    cell = f"{mesh.get('address', '')} {mesh.get('peers_up', 0)}/{mesh.get('peers_expected', 0)} peers"
+    if mesh.get("link") not in (None, "up"):
+        cell += ", dcx0 " + ("missing" if mesh["link"] == "absent" else "down")
+    if mesh.get("peers_down"):
+        cell += ", down: " + " ".join(mesh["peers_down"])
+    return cell
 
 
 @app.command("list")
@@ -123,10 +129,16 @@ def destroy(
     name: str = typer.Argument(None, help="Cluster name (or give -f FILE)."),
     file: Path = FILE,
     purge: bool = typer.Option(False, "--purge", help="ssh pools: also remove the container runtime."),
+    cluster_id: str = typer.Option("", "--cluster-id", help="With -f and no local state: which cluster of "
+                                   "that name (when several exist; destroy lists them)."),
     ask_become_pass: bool = ASK_BECOME,
 ) -> None:
     """Remove every machine and resource of the cluster (ssh pools: reset the machines)."""
+    from dataclasses import asdict
+
     from dcx import engine, spec
+    from dcx.errors import EXIT_BAD_INPUT
+    from dcx.state import StateStore
 
     o = out(ctx)
     cluster_spec = spec.load(file) if file else None
@@ -135,10 +147,23 @@ def destroy(
     target = name or cluster_spec.name  # type: ignore[union-attr]
     if not o.confirm(f"destroy cluster {target} and everything dcx made for it?"):
         raise typer.Exit(1)
-    removed = engine.destroy(name, cluster_spec, options(ctx, purge=purge, become_password=become_password(
-        ask_become_pass), key_passphrase=key_passphrase()))
+    had_state = StateStore().cluster(target).exists()
+    try:
+        removed = engine.destroy(name, cluster_spec, options(ctx, purge=purge, become_password=become_password(
+            ask_become_pass), key_passphrase=key_passphrase()), cluster_id=cluster_id)
+    except engine.SeveralClusters as exc:
+        # Several clusters share the name (a colleague's, say): list them, destroy none.
+        o.error(exc.message, exc.hint)
+        if o.json:
+            o.data({"cluster": target, "removed": [], "clusters": [asdict(c) for c in exc.found]})
+        else:
+            o.table(None, ["id", "created", "by", "where"],
+                    [[c.id, c.created, c.created_by, c.where] for c in exc.found])
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     if o.json:
         o.data({"cluster": target, "removed": removed})
+    elif not had_state and not removed:
+        o.info(f"nothing named {target} was found (0 resources removed).")
     else:
         o.info(f"cluster {target} destroyed ({len(removed)} resources removed).")
 
@@ -180,3 +205,30 @@ def kubeconfig(ctx: typer.Context, name: str = typer.Argument(..., help="Cluster
         o.data({"cluster": name, "context": access.context_name(name), "path": str(path), "kubeconfig": text})
     else:
         typer.echo(text, nl=False)
+
+
+@app.command()
+def diagnose(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Cluster name."),
+    output_file: Path = typer.Option(None, "-o", "--output-file", dir_okay=False, help="Where to write the archive "
+                                     "(default: dcx-NAME-diagnose-TIMESTAMP.tar.gz here); `-o json` is the format."),
+    ask_become_pass: bool = ASK_BECOME,
+) -> None:
+    """Gather everything about the cluster into one tar.gz (0600, secrets redacted) and say what looks wrong."""
+    from dcx.diagnose import diagnose as run_diagnose
+
+    o = out(ctx)
+    d = run_diagnose(name, output_file, become_password=become_password(ask_become_pass),
+                     key_passphrase=key_passphrase())
+    if o.json:
+        o.data({"cluster": name, "archive": str(d.archive), "nodes": d.nodes, "unreachable": d.unreachable,
+                "findings": d.findings})
+        return
+    o.info(f"wrote {d.archive} ({d.nodes} nodes, {d.unreachable} unreachable)")
+    if d.findings:
+        o.warn("what looks wrong:")
+        for line in d.findings:
+            o.warn(f"  {line}")
+    else:
+        o.info("nothing looks wrong")

@@ -31,7 +31,7 @@ def show(ctx: typer.Context, file: Path = FILE, group: str = GROUP) -> None:
 @app.command()
 def check(ctx: typer.Context, file: Path = FILE, group: str = GROUP,
           parallel: int = typer.Option(20, "--parallel", min=1, max=200),
-          timeout: float = typer.Option(15.0, "--timeout", help="Seconds to wait for each host."),
+          timeout: float = typer.Option(15.0, "--timeout", min=1, help="Seconds to wait for each host."),
           ask_become_pass: bool = ASK_BECOME) -> None:
     """Connect to every host in parallel and report what each is (exit 1 when any is not usable)."""
     from dcx import hostcheck

@@ -14,9 +14,14 @@ import traceback
 import typer
 
 from dcx import __version__
+
+try:  # typer >= 0.22 carries its own copy of click; older ones use click itself
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import NoArgsIsHelpError, UsageError  # type: ignore[assignment]
 from dcx.cli import cluster, image, inventory_cmd, node, providers_cmd
 from dcx.cli.output import Output
-from dcx.errors import EXIT_FAILED, DcxError
+from dcx.errors import EXIT_BAD_INPUT, EXIT_FAILED, DcxError
 from dcx.log import redact
 
 app = typer.Typer(
@@ -70,6 +75,7 @@ def schema() -> None:
 
 GLOBAL_FLAGS = {"--yes", "-y", "--quiet", "-q", "--verbose", "-v", "-vv", "-vvv"}
 GLOBAL_WITH_VALUE = {"--output", "-o"}
+OUTPUT_FORMATS = ("table", "json")
 
 
 def hoist_global_options(argv: list[str]) -> list[str]:
@@ -86,6 +92,9 @@ def hoist_global_options(argv: list[str]) -> list[str]:
             break
         if arg in GLOBAL_FLAGS:
             front.append(arg)
+        elif arg == "-o" and "diagnose" in rest and i + 1 < len(argv) and argv[i + 1] not in OUTPUT_FORMATS:
+            rest += [arg, argv[i + 1]]  # `dcx cluster diagnose NAME -o FILE`: the archive's path, not a format
+            i += 1
         elif arg in GLOBAL_WITH_VALUE and i + 1 < len(argv):
             front += [arg, argv[i + 1]]
             i += 1
@@ -101,7 +110,15 @@ def hoist_global_options(argv: list[str]) -> list[str]:
 
 def main() -> None:
     try:
-        app(args=hoist_global_options(sys.argv[1:]), prog_name="dcx")
+        # standalone_mode=False: click's errors come here, to the one boundary, instead of typer's panels.
+        code = app(args=hoist_global_options(sys.argv[1:]), prog_name="dcx", standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        sys.stdout.write(exc.ctx.get_help() + "\n")  # `dcx cluster`: what there is to run, not an error
+        sys.exit(0)
+    except UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "dcx"
+        Output().error(f"{where}: {usage_message(exc)} (see `{where} --help`)")
+        sys.exit(EXIT_BAD_INPUT)
     except DcxError as exc:
         Output().error(exc.message, exc.hint)
         sys.exit(exc.exit_code)
@@ -110,8 +127,16 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as exc:  # usage errors are handled by typer itself (exit 2)
+    except Exception as exc:
         with tempfile.NamedTemporaryFile("w", prefix="dcx-crash-", suffix=".log", delete=False) as fh:
             fh.write(redact(traceback.format_exc()))
         Output().error(f"internal error: {type(exc).__name__}: {redact(str(exc))} (details: {fh.name})")
         sys.exit(EXIT_FAILED)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_message(exc: Exception) -> str:
+    """click's message on one line, starting lowercase, without its closing period."""
+    text = " ".join(part.strip() for part in exc.format_message().splitlines() if part.strip())  # type: ignore[attr-defined]
+    text = text.rstrip(".")
+    return text[:1].lower() + text[1:]

@@ -1,13 +1,18 @@
-"""`dcx node ...`: list the nodes of a cluster, open a shell or run a command on one."""
+"""`dcx node ...`: list the nodes of a cluster, open a shell on one, run a command on many at once."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from typing import TYPE_CHECKING
 
 import typer
 
-from dcx.cli.common import out
+from dcx.cli.common import ASK_BECOME, become_password, key_passphrase, out
+
+if TYPE_CHECKING:
+    from dcx.cli.output import Output
+    from dcx.fleet import NodeResult
 
 app = typer.Typer(help="Work with a cluster's nodes.", no_args_is_help=True)
 
@@ -69,3 +74,87 @@ def forget_key(ctx: typer.Context, name: str = typer.Argument(...), node: str = 
         cdir.save(state)
         access.write_known_hosts(cdir, state.host_keys)
     out(ctx).info(f"forgot the host key of {node}; the next connection records the new one")
+
+
+@app.command("run")
+def run(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Cluster name."),
+    command: list[str] = typer.Argument(..., help="After `--`: a shell command line, run by `sh -c` on each node."),
+    pool: list[str] = typer.Option([], "--pool", help="Only nodes of this pool (repeat for several)."),
+    role: str = typer.Option(None, "--role", help="Only control or worker nodes."),
+    node: list[str] = typer.Option([], "--node", help="Only this node (repeat for several)."),
+    label: list[str] = typer.Option([], "--label", help="Only nodes labelled KEY=VALUE (repeat: all must match)."),
+    sudo: bool = typer.Option(False, "--sudo", help="Run as root (sudo, for non-root logins)."),
+    parallel: int = typer.Option(50, "--parallel", min=1, max=500, help="Nodes worked on at once."),
+    timeout: float = typer.Option(600.0, "--timeout", min=0.1, help="Seconds a node's command may run."),
+    fold_: bool = typer.Option(False, "--fold", help="Print identical results once, with the nodes that gave them."),
+    ask_become_pass: bool = ASK_BECOME,
+) -> None:
+    """Run a command on every selected node at once: `dcx node run NAME [--pool P] ... -- CMD...`.
+
+    CMD's words are joined with spaces and reach each node's shell as one command line (as with ssh):
+    pipes, variables and globs work there; quote what your local shell must not expand. Exit 0 only
+    when the command exited 0 on every node.
+    """
+    from dcx import fleet
+    from dcx.cli.output import FleetProgress
+
+    o = out(ctx)
+    line = " ".join(command)
+    selection = fleet.Selection(pools=pool, role=role, nodes=node, labels=fleet.parse_labels(label))
+    with fleet.connections(name, selection, parallel=parallel, become_password=become_password(ask_become_pass),
+                           key_passphrase=key_passphrase(), log_as="node run", sudo=sudo) as run_ctx:
+        with FleetProgress(o, [h.name for h in run_ctx.hosts]) as progress:
+            results = fleet.run_command(run_ctx, line, sudo=sudo, timeout=timeout,
+                                        connect_timeout=min(timeout, 15.0), on_start=progress.started,
+                                        on_done=lambda r: progress.done(r.node, short_outcome(r)))
+    failed = [r for r in results if not r.ok]
+    if o.json:
+        doc = {"cluster": name, "command": line, "sudo": sudo, "ok": not failed,
+               "summary": {"nodes": len(results), "ok": len(results) - len(failed), "failed": len(failed)},
+               "nodes": [r.to_dict() for r in results]}
+        if fold_:
+            doc["groups"] = [g.to_dict() for g in fleet.fold(results)]
+        o.data(doc)
+    else:
+        print_results(o, results, fold_)
+    if failed:
+        raise typer.Exit(1)
+
+
+def short_outcome(r: NodeResult) -> str:
+    """ok, exit N, timed out after S s, unreachable: what the live status and the headers show."""
+    if r.error:
+        return r.error.split(":", 1)[0]
+    return "ok" if r.exit_code == 0 else f"exit {r.exit_code}"
+
+
+def print_results(o: Output, results: list[NodeResult], fold_: bool) -> None:
+    """Each node's (or with --fold, each group's) header, then its output as the command printed it."""
+    from dcx import fleet
+    from dcx.cli.output import write_raw
+
+    groups = fleet.fold(results) if fold_ else [fleet.Group([r.node], r) for r in results]
+    for g in groups:
+        r = g.result
+        who = g.nodes[0] if len(g.nodes) == 1 else f"{', '.join(g.nodes)} ({len(g.nodes)} nodes)"
+        when = "" if fold_ and len(g.nodes) > 1 else f" ({r.duration:.2f}s)"
+        outcome = r.error or short_outcome(r)
+        if not o.quiet or not r.ok:
+            o.people.print(f"==> {who}: {outcome}{when}", style="green" if r.ok else "bold red", markup=False,
+                           emoji=False)
+        for text in (r.stdout, r.stderr):
+            if text:
+                write_raw(o, text if text.endswith("\n") else text + "\n")
+    failed = [r for r in results if not r.ok]
+    summary = f"{len(results)} node{'s' if len(results) != 1 else ''}: {len(results) - len(failed)} ok"
+    if failed:
+        summary += f", {len(failed)} failed (" + ", ".join(f"{r.node}: {short_outcome(r)}" for r in failed[:5])
+        summary += ", ..." if len(failed) > 5 else ""
+        summary += ")"
+    # On stderr: stdout holds only what the nodes printed (and the headers), for pipes.
+    if failed:
+        o.warn(summary)
+    elif not o.quiet:
+        o.err.print(summary, markup=False, emoji=False, highlight=False)

@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from dcx.log import redact
 
@@ -23,8 +24,10 @@ class Output:
         self.yes = yes or not sys.stdin.isatty()
         no_color = bool(os.environ.get("NO_COLOR"))
         # Machine output owns stdout; everything for people goes to stderr then.
-        self.out = Console(no_color=no_color, highlight=False, soft_wrap=True)
-        self.err = Console(stderr=True, no_color=no_color, highlight=False, soft_wrap=True)
+        # emoji and markup off: user data (`:x:`, `[bold]`) is printed as written.
+        self.out = Console(no_color=no_color, highlight=False, soft_wrap=True, emoji=False, markup=False)
+        self.err = Console(stderr=True, no_color=no_color, highlight=False, soft_wrap=True, emoji=False,
+                           markup=False)
         self._lock = threading.Lock()
 
     @property
@@ -50,9 +53,9 @@ class Output:
 
     def error(self, message: str, hint: str | None = None) -> None:
         with self._lock:
-            self.err.print("error: " + redact(message), style="bold red", markup=False)
+            self.err.print("error: " + one_line(redact(message)), style="bold red", markup=False)
             if hint:
-                self.err.print("hint: " + redact(hint), markup=False)
+                self.err.print("hint: " + one_line(redact(hint)), markup=False)
 
     def data(self, payload: Any) -> None:
         """The command's result for machines."""
@@ -77,7 +80,7 @@ class Output:
         for c in columns:
             t.add_column(c)
         for r in rows:
-            t.add_row(*[redact(str(v)) for v in r])
+            t.add_row(*[Text(redact(str(v))) for v in r])  # Text: cells are data, never markup
         with self._lock:
             self.people.print(t)
 
@@ -87,6 +90,13 @@ class Output:
         import typer
 
         return typer.confirm(question, default=False, err=True)
+
+
+def one_line(text: str) -> str:
+    """Control characters (a newline in a name from a file) shown escaped: an error stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class PhaseReporter:
@@ -104,7 +114,7 @@ class PhaseReporter:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
             self._progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                                      MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
+                                      MofNCompleteColumn(), TextColumn("{task.fields[last]}", markup=False),
                                       console=self.o.people, transient=True)
             self._progress.start()
             self._task = self._progress.add_task(title, total=len(hosts), last="")
@@ -137,3 +147,66 @@ class PhaseReporter:
             self.o.warn(message)
         else:
             self.o.info(message)
+
+
+def write_raw(output: Output, text: str, err: bool = False) -> None:
+    """Text exactly as a remote command printed it (no markup, no emoji codes), secrets redacted."""
+    stream = output.err.file if err else output.people.file
+    with output._lock:
+        stream.write(redact(text))
+        stream.flush()
+
+
+class FleetProgress:
+    """Live per-node status of `dcx node run` on a terminal (running, ok, exit N, unreachable), gone
+    when the run ends; nothing otherwise, since the results are printed whole at the end."""
+
+    def __init__(self, output: Output, nodes: list[str]) -> None:
+        import time
+
+        self.o = output
+        self._clock = time.monotonic
+        self.state: dict[str, tuple[str, float, float | None]] = {n: ("waiting", 0.0, None) for n in nodes}
+        self._live: Any = None
+
+    def __enter__(self) -> FleetProgress:
+        if self.o.interactive and not self.o.quiet:
+            from rich.live import Live
+
+            self._live = Live(get_renderable=self._render, console=self.o.people, transient=True,
+                              refresh_per_second=8)
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def started(self, node: str) -> None:
+        self.state[node] = ("running", self._clock(), None)
+
+    def done(self, node: str, outcome: str) -> None:
+        _, began, _ = self.state[node]
+        self.state[node] = (outcome, began, self._clock())
+
+    def _render(self) -> Any:
+        from rich.table import Table
+        from rich.text import Text
+
+        rows = list(self.state.items())
+        finished = sum(1 for _, (_, _, end) in rows if end is not None)
+        failed = sum(1 for _, (what, _, end) in rows if end is not None and what != "ok")
+        # A tall fleet shows its running and failed nodes first, as many as the terminal holds.
+        room = max(3, self.o.people.size.height - 3)
+        if len(rows) > room:
+            rows.sort(key=lambda r: (r[1][0] not in ("running",) and r[1][0] in ("ok", "waiting"), r[0]))
+            rows = rows[:room]
+        grid = Table.grid(padding=(0, 2))
+        now = self._clock()
+        for name, (what, began, end) in rows:
+            style = "green" if what == "ok" else "yellow" if what in ("running", "waiting") else "red"
+            seconds = "" if what == "waiting" else f"{(end or now) - began:.1f}s"
+            grid.add_row(Text(name), Text(what, style=style), seconds)
+        grid.add_row(Text(f"{finished}/{len(self.state)} done", style="bold"), f"{failed} failed" if failed else "", "")
+        return grid

@@ -8,10 +8,13 @@ rootVolumeGiB, publicIP, tags, sshAddress: public|private}`.
   spec.network.sshCIDR only, all traffic between the group's own members, and the mesh UDP port from
   the other providers' nodes (/32) when the cluster spans providers. The cluster's key pair is imported.
 - Image: the given AMI id, or the newest Ubuntu LTS for the region and architecture (Canonical's
-  owner id and name filter).
+  owner id in the region's partition, and name filter).
 - Instances: one run_instances per batch of a pool (MinCount=MaxCount), with a ClientToken derived
-  from cluster id + pool + batch, after a look-up by tags so a re-run never duplicates (moto ignores
-  ClientToken; the look-up is what makes re-runs safe there).
+  from cluster id + pool + batch + generation, after a look-up by tags so a re-run never duplicates.
+  EC2 keeps a token at least 24 h after its instances are terminated and answers a repeat with the
+  old reservation, so the journal's generation of a batch goes up once a launch of it completed: a
+  retry of an interrupted launch reuses its token, a node made again (scale N -> N-1 -> N, a deleted
+  or interrupted spot node) gets a new one.
 
 Naming without one call per instance: EC2 can tag at launch only with values shared by the whole
 batch, and a per-instance Name costs one create_tags call per instance (a 100-node pool would cost
@@ -22,7 +25,7 @@ EC2 assigns 0..n-1 within the launch. The `Name` tag is the node name for a batc
 serves the whole batch.
 
 Tags on instances, volumes and network interfaces: dcx:cluster, dcx:cluster-id, dcx:pool,
-dcx:index-base, Name, plus the pool's own `tags`.
+dcx:index-base, Name, dcx:created, dcx:created-by (the STS caller ARN), plus the pool's own `tags`.
 """
 
 from __future__ import annotations
@@ -30,16 +33,20 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dcx.errors import ProviderError
-from dcx.providers.aws_api import AwsApi, chunks, code_of, message_of, paged, tag_spec, tags_of
+from dcx.providers.aws_api import AwsApi, chunks, code_of, message_of, paged, settle, tag_spec, tags_of
 from dcx.providers.aws_network import AwsNetwork, Site
-from dcx.providers.base import Node, NodeRequest, Provider
+from dcx.providers.base import FoundCluster, Node, NodeRequest, Provider
 
+# Canonical's image owner per partition (Ubuntu's "Find Ubuntu images on AWS": 099720109477 in the
+# default partition, 513442679011 in GovCloud, 837727238323 in China).
 CANONICAL = "099720109477"
+CANONICAL_BY_PARTITION = {"us-gov-": "513442679011", "cn-": "837727238323"}
 UBUNTU_NAME = "ubuntu/images/hvm-ssd*/ubuntu-*-*-{arch}-server-*"
 UBUNTU_LTS_RE = re.compile(r"/ubuntu-[a-z]+-(\d\d)\.04-")
 # Graviton (arm64) families: a1, and a "g" after the generation digit (t4g, m7gd, c6gn, im4gn, x2gd).
@@ -49,6 +56,10 @@ BATCH = 500  # instances per run_instances call (all-or-nothing: smaller batches
 CAPACITY_CODES = {"InsufficientInstanceCapacity", "Unsupported", "InsufficientCapacity",
                   "InsufficientFreeAddressesInSubnet"}
 LIVE_STATES = ["pending", "running", "stopping", "stopped"]
+# What find_clusters reads the dcx:* tags of: every site has a key pair and a group (made first),
+# dcx's own VPCs come before them; live instances (terminated ones keep their tags for an hour).
+CLUSTER_KINDS = [("describe_security_groups", "SecurityGroups"), ("describe_key_pairs", "KeyPairs"),
+                 ("describe_vpcs", "Vpcs"), ("describe_instances", "Instances")]
 RESERVED_TAG_PREFIXES = ("dcx:", "aws:")
 
 
@@ -130,9 +141,15 @@ def arch_of(instance_type: str) -> str:
     return "arm64" if ARM_FAMILY_RE.match(instance_type) else "amd64"
 
 
-def client_token(cluster_id: str, pool: str, first: int, last: int, subnet: str) -> str:
-    """Idempotency token of one launch: a retried call with it makes nothing new (on real EC2)."""
-    return hashlib.sha256(f"dcx/{cluster_id}/{pool}/{first}-{last}/{subnet}".encode()).hexdigest()[:64]
+def canonical_owner(region: str) -> str:
+    return next((owner for prefix, owner in CANONICAL_BY_PARTITION.items() if region.startswith(prefix)), CANONICAL)
+
+
+def client_token(cluster_id: str, pool: str, first: int, last: int, subnet: str, generation: int = 0) -> str:
+    """Idempotency token of one launch: a retried call with it makes nothing new (on real EC2).
+    64 hex characters (EC2: at most 64 ASCII characters)."""
+    gen = f"/{generation}" if generation else ""
+    return hashlib.sha256(f"dcx/{cluster_id}/{pool}/{first}-{last}/{subnet}{gen}".encode()).hexdigest()[:64]
 
 
 def batches(requests: list[NodeRequest]) -> list[list[NodeRequest]]:
@@ -204,7 +221,7 @@ class AwsProvider(Provider):
         else:
             arch = arch_of(s.instanceType)
             with self.api.errors(f"look up the latest Ubuntu LTS image in {region}"):
-                found = ec2.describe_images(Owners=[CANONICAL], Filters=[
+                found = ec2.describe_images(Owners=[canonical_owner(region)], Filters=[
                     {"Name": "name", "Values": [UBUNTU_NAME.format(arch=arch)]},
                     {"Name": "state", "Values": ["available"]},
                     {"Name": "architecture", "Values": ["arm64" if arch == "arm64" else "x86_64"]}])["Images"]
@@ -231,14 +248,15 @@ class AwsProvider(Provider):
         return {**s.tags, **self.net.tags(name, **{"dcx:pool": pool.name, "dcx:index-base": str(batch[0].index)})}
 
     def launch_params(self, pool: Any, s: AwsSettings, site: Site, subnet: str, batch: list[NodeRequest],
-                      ) -> dict[str, Any]:
+                      generation: int = 0) -> dict[str, Any]:
         image, root_device = self.image_of(site.region, s)
         tags = self.instance_tags(pool, s, batch)
         kinds = ["instance", "volume", "network-interface"] + (["spot-instances-request"] if s.spot else [])
         params: dict[str, Any] = {
             "ImageId": image, "InstanceType": s.instanceType, "MinCount": len(batch), "MaxCount": len(batch),
             "KeyName": site.key_name, "UserData": self.user_data(),
-            "ClientToken": client_token(self.ctx.cluster_id, pool.name, batch[0].index, batch[-1].index, subnet),
+            "ClientToken": client_token(self.ctx.cluster_id, pool.name, batch[0].index, batch[-1].index, subnet,
+                                        generation),
             "NetworkInterfaces": [{"DeviceIndex": 0, "SubnetId": subnet, "Groups": [site.sg_id],
                                    "AssociatePublicIpAddress": s.publicIP, "DeleteOnTermination": True}],
             "BlockDeviceMappings": [{"DeviceName": root_device, "Ebs": {
@@ -281,11 +299,7 @@ class AwsProvider(Provider):
             ec2 = self.api.ec2(site.region)
             with self.api.errors(f"wait for {len(launched)} instance(s) of pool {pool.name} to run"):
                 for ids in chunks(launched, 1000):
-                    ec2.get_waiter("instance_running").wait(InstanceIds=ids,
-                                                            WaiterConfig={"Delay": 5, "MaxAttempts": 120})
-                    # The waiter keeps no answer: one more describe (of up to 1000) for the addresses.
-                    found.update({self.node_name_of(i): i for i in paged(
-                        ec2, "describe_instances", "Instances", InstanceIds=ids)})
+                    found.update({self.node_name_of(i): i for i in self._wait_for(ec2, ids, "running", 600)})
         stopped = [found[r.name]["InstanceId"] for r in requests
                    if r.name in found and found[r.name]["State"]["Name"] in ("stopped", "stopping")]
         if stopped:
@@ -302,17 +316,23 @@ class AwsProvider(Provider):
         """One run_instances for the batch; on a capacity error, the next zone's subnet."""
         ec2 = self.api.ec2(site.region)
         key = f"aws/batch/{pool.name}/{batch[0].index}"
+        # A batch launched before whose nodes are missing now: its token would replay the old
+        # (terminated) reservation, so this launch is the next generation. An interrupted launch
+        # ("launching") keeps its generation: its retry must not launch twice.
+        before = self.ctx.recorded(key) or {}
+        generation = int(before.get("generation", 0)) + (1 if before.get("state") == "launched" else 0)
         tried: list[str] = []
         candidates = list(site.subnets)
         while candidates:
             subnet, az = candidates.pop(0)
-            params = self.launch_params(pool, s, site, subnet, batch)
+            params = self.launch_params(pool, s, site, subnet, batch, generation)
             # Write-ahead: the batch's token and place are known before the call that makes it.
             self.ctx.record(key, {"state": "launching", "region": site.region, "subnet": subnet,
-                                  "count": len(batch), "token": params["ClientToken"]})
+                                  "count": len(batch), "token": params["ClientToken"], "generation": generation})
             with self.api.errors(f"launch {len(batch)} x {s.instanceType} for pool {pool.name} in {az}"):
                 try:
-                    reservation = ec2.run_instances(**params)
+                    # The key pair, group and subnet may be moments old (eventual consistency).
+                    reservation = settle(ec2.run_instances, **params)
                 except Exception as exc:
                     if code_of(exc) not in CAPACITY_CODES:
                         raise
@@ -328,7 +348,7 @@ class AwsProvider(Provider):
             if site.subnets and site.subnets[0][0] != subnet:  # later batches start where this one fit
                 site.subnets.sort(key=lambda t: t[0] != subnet)
             self.ctx.record(key, {"state": "launched", "region": site.region, "subnet": subnet,
-                                  "count": len(batch), "instances": ids})
+                                  "count": len(batch), "instances": ids, "generation": generation})
             return ids
         self.ctx.record(key, None)
         raise ProviderError(f"AWS has no capacity for {len(batch)} x {s.instanceType} (pool {pool.name}): "
@@ -426,8 +446,40 @@ class AwsProvider(Provider):
                         ec2.terminate_instances(InstanceIds=existing)
                         live += existing
             for chunk in chunks(live, 1000):
-                ec2.get_waiter("instance_terminated").wait(InstanceIds=chunk,
-                                                           WaiterConfig={"Delay": 5, "MaxAttempts": 120})
+                self._wait_for(ec2, chunk, "terminated", 600)
+
+    def _wait_for(self, ec2: Any, ids: list[str], state: str, timeout: float) -> list[dict[str, Any]]:
+        """Describe the instances (up to 1000) until all are in `state`; their last description.
+
+        Not botocore's waiters: instance_terminated fails on an instance shown pending or stopping,
+        which EC2 may still show right after the terminate call (eventual consistency), and both
+        wait 5 s before asking again. Waiting to run fails once an instance is on its way out (a spot
+        request not fulfilled, a launch that failed); an instance not known yet (just launched) or
+        gone (long terminated) is asked for again or counted as terminated."""
+        deadline, delay = time.monotonic() + timeout, 1.0
+        while True:
+            try:
+                found = paged(ec2, "describe_instances", "Instances", InstanceIds=ids)
+            except Exception as exc:
+                if code_of(exc) != "InvalidInstanceID.NotFound":
+                    raise
+                found = [] if state == "running" else paged(ec2, "describe_instances", "Instances", Filters=[
+                    {"Name": "instance-id", "Values": ids}])
+            states = {i["InstanceId"]: i["State"]["Name"] for i in found}
+            if state == "running":
+                lost = sorted(i for i, st in states.items() if st in ("shutting-down", "terminated", "stopping"))
+                if lost:
+                    raise ProviderError(f"AWS instance(s) {', '.join(lost[:5])} stopped or terminated instead of "
+                                        "running (a spot request not fulfilled, or a launch that failed)")
+                left = sorted(set(ids) - {i for i, st in states.items() if st == "running"})
+            else:
+                left = sorted(i for i, st in states.items() if st != "terminated")
+            if not left:
+                return found
+            if time.monotonic() > deadline:
+                raise ProviderError(f"AWS instance(s) {', '.join(left[:5])} not {state} after {int(timeout)} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 5)
 
     def sweep(self, pools: list[Any]) -> list[str]:
         """Everything tagged with the cluster in the pools' regions: instances (terminated and waited
@@ -453,6 +505,32 @@ class AwsProvider(Provider):
         for key in self.ctx.recorded_keys("aws/"):
             self.ctx.record(key, None)
         return removed
+
+    def find_clusters(self, pools: list[Any]) -> list[FoundCluster]:
+        """Clusters named ctx.cluster_name in the pools' (and the journal's) regions, by the dcx:*
+        tags of what dcx makes (a few describe calls per region, filtered by the name tag)."""
+        out: list[FoundCluster] = []
+        by_name = [{"Name": "tag:dcx:cluster", "Values": [self.ctx.cluster_name]}]
+        for region in sorted(set(self._regions(pools)) | self.journal_regions()):
+            ec2 = self.api.ec2(region)
+            found: list[dict[str, Any]] = []
+            with self.api.errors(f"look for dcx clusters named {self.ctx.cluster_name} in {region}"):
+                for operation, key in CLUSTER_KINDS:
+                    extra = [{"Name": "instance-state-name", "Values": LIVE_STATES}] if key == "Instances" else []
+                    found += paged(ec2, operation, key, Filters=by_name + extra)
+            clusters: dict[str, FoundCluster] = {}
+            for tags in map(tags_of, found):
+                cid = tags.get("dcx:cluster-id", "")
+                if tags.get("dcx:cluster") != self.ctx.cluster_name or not cid:
+                    continue
+                c = clusters.setdefault(cid, FoundCluster(id=cid, name=self.ctx.cluster_name, provider=self.name,
+                                                          where=f"aws {region}"))
+                created = tags.get("dcx:created", "")
+                if created and (not c.created or created < c.created):
+                    c.created, c.created_by = created, tags.get("dcx:created-by", c.created_by)
+                c.created_by = c.created_by or tags.get("dcx:created-by", "")
+            out += sorted(clusters.values(), key=lambda c: c.id)
+        return out
 
     def journal_regions(self) -> set[str]:
         """Regions the journal holds resources in: `aws/KIND/REGION/...`, and launches' recorded region."""

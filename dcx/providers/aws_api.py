@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +22,15 @@ RETRIES = {"mode": "adaptive", "max_attempts": 10}
 CREDENTIALS_HINT = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, "
                     "or run `aws configure` (boto3's standard credential chain)")
 REGION_HINT = "set aws.region in the pool, or AWS_REGION / AWS_DEFAULT_REGION, or a region in ~/.aws/config"
+# EC2 API reference, CreateSecurityGroup / IpRange / Ipv6Range / UserIdGroupPair "Description":
+# "Up to 255 characters in length. Allowed characters are a-z, A-Z, 0-9, spaces, and
+# ._-:/()#,@[]+=&;{}!$*" (group names: the same set).
+EC2_TEXT_RE = re.compile(r"^[a-zA-Z0-9 ._\-:/()#,@\[\]+=&;{}!$*]{0,255}$")
+# EC2 User Guide, "Tag restrictions": keys 1-128 characters, values up to 256, "aws:" reserved.
+TAG_KEY_MAX, TAG_VALUE_MAX = 128, 256
+# "Eventual consistency in the Amazon EC2 API": a resource made a moment ago may be unknown to the
+# next calls that name it. Waits between tries (seconds) for such calls.
+SETTLE_DELAYS = (0.5, 1, 2, 4, 8, 15)
 # Codes meaning the credentials themselves are wrong (not retryable, not the user's spec).
 AUTH_CODES = {"AuthFailure", "UnrecognizedClientException", "InvalidClientTokenId", "SignatureDoesNotMatch",
               "ExpiredToken", "RequestExpired", "InvalidAccessKeyId"}
@@ -47,6 +58,7 @@ class AwsApi:
         self._session: Any = None
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._caller: str | None = None
 
     def session(self) -> Any:
         if self._session is None:
@@ -65,6 +77,18 @@ class AwsApi:
         if not region:
             raise ProviderError("no AWS region for an aws pool", hint=REGION_HINT)
         return region
+
+    def caller(self) -> str:
+        """The ARN of the identity the credentials belong to (STS GetCallerIdentity needs no IAM
+        permission): recorded in the dcx:created-by tag. '' when STS cannot say. Asked in a region
+        dcx works in (its partition's STS: GovCloud and China credentials work only there)."""
+        if self._caller is None:
+            self._caller = ""
+            region = next(iter(self._clients), "") or self.default_region() or "us-east-1"
+            with contextlib.suppress(Exception):
+                sts = self.session().client("sts", region_name=region)
+                self._caller = str(sts.get_caller_identity().get("Arn", ""))[:TAG_VALUE_MAX]
+        return self._caller
 
     def ec2(self, region: str) -> Any:
         with self._lock:
@@ -123,8 +147,42 @@ class AwsApi:
             raise ProviderError(f"AWS SDK error while trying to {what}: {exc}") from None
 
 
+def ec2_text(text: str, what: str) -> str:
+    """A security group name or description, or a rule description, as EC2 accepts it; anything else
+    is dcx's bug (or a name that slipped past the spec's checks), said before any call is made."""
+    if not EC2_TEXT_RE.match(text):
+        bad = "".join(sorted({c for c in text if not EC2_TEXT_RE.match(c)}))
+        raise ProviderError(f"{what} '{text[:80]}' is not valid for EC2 "
+                            + (f"(characters {bad!r} are not allowed)" if bad else "(over 255 characters)"))
+    return text
+
+
+def checked_tags(tags: dict[str, str]) -> dict[str, str]:
+    """Tags as EC2 accepts them (the one check of every tag dcx sends)."""
+    for key, value in tags.items():
+        if not 1 <= len(key) <= TAG_KEY_MAX or key.lower().startswith("aws:"):
+            raise ProviderError(f"tag key '{key[:40]}' is not valid for EC2 (1-{TAG_KEY_MAX} characters, "
+                                "not starting with aws:)")
+        if len(value) > TAG_VALUE_MAX:
+            raise ProviderError(f"the value of tag '{key}' is longer than {TAG_VALUE_MAX} characters")
+    return tags
+
+
+def settle(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """Make a call that names a resource dcx made moments ago: EC2 may answer *.NotFound for a while
+    after the create call (eventual consistency); retry those briefly, then let the error through."""
+    for delay in (*SETTLE_DELAYS, None):
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if delay is None or not code_of(exc).endswith(".NotFound"):
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def tag_list(tags: dict[str, str]) -> list[dict[str, str]]:
-    return [{"Key": k, "Value": v} for k, v in tags.items()]
+    return [{"Key": k, "Value": v} for k, v in checked_tags(tags).items()]
 
 
 def tags_of(resource: dict[str, Any]) -> dict[str, str]:

@@ -7,25 +7,36 @@ makes it. Every `ensure_*` looks up by tag (or name) first, so a re-run, or a ru
 killed half-way, makes nothing twice.
 
 Security group rules: SSH from spec.network.sshCIDR only (never 0.0.0.0/0 unless written there);
-all cluster traffic only from the group itself; the mesh UDP port only from the /32 addresses that
-`allow_mesh_peers` is given (other providers' nodes).
+the Kubernetes API (6443, engine k3s) from spec.network.apiCIDR (default: sshCIDR); all cluster
+traffic only from the group itself; the mesh UDP port only from the /32 addresses that
+`allow_mesh_peers` is given (other providers' nodes), or from anywhere once they outgrow the group's
+rule quota (see `allow_mesh_peers`).
+
+Every description and tag goes through aws_api.ec2_text / checked_tags (EC2's character sets and
+lengths); every call naming a resource made moments ago goes through aws_api.settle (eventual
+consistency).
 """
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from dcx.errors import InputError, ProviderError
-from dcx.providers.aws_api import AwsApi, code_of, paged, tag_spec
+from dcx.providers.aws_api import AwsApi, code_of, ec2_text, paged, settle, tag_spec
 from dcx.providers.base import peer_cidrs
 
 CHECKIP_URL = "https://checkip.amazonaws.com"
-SELF_RULE = "cluster traffic between the cluster's nodes"
+# Rule descriptions: EC2's character set has no apostrophe (aws_api.ec2_text checks each one).
+SELF_RULE = "cluster traffic between the cluster nodes"
 SSH_RULE = "SSH from spec.network.sshCIDR"
-MESH_RULE = "dcx mesh from the cluster's nodes elsewhere"
+API_RULE = "Kubernetes API from spec.network.apiCIDR"
+MESH_RULE = "dcx mesh from the cluster nodes elsewhere"
+API_PORT = 6443
+WORLD = "0.0.0.0/0"
 
 
 @dataclass
@@ -57,13 +68,25 @@ class AwsNetwork:
         return f"dcx-{self.ctx.cluster_name}-{self.ctx.cluster_id}"
 
     def tags(self, name: str, **extra: str) -> dict[str, str]:
-        return {"dcx:cluster": self.ctx.cluster_name, "dcx:cluster-id": self.ctx.cluster_id, "Name": name, **extra}
+        """Tags of what dcx makes: the cluster's name and id (how sweeps find it), and who made it and
+        when (what `destroy -f` lists when several clusters share a name)."""
+        made = self.ctx.recorded("aws/created")
+        if not made:
+            # Journaled once: a launch retried by a later run must repeat its parameters exactly
+            # (ClientToken idempotency), tags included.
+            made = {"dcx:created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+            if self.api.caller():
+                made["dcx:created-by"] = self.api.caller()
+            self.ctx.record("aws/created", made)
+        return {"dcx:cluster": self.ctx.cluster_name, "dcx:cluster-id": self.ctx.cluster_id, "Name": name,
+                **made, **extra}
 
     def own_filters(self) -> list[dict[str, Any]]:
-        """This cluster's resources: by id when known (it is unique), else (state lost) by name alone."""
-        if self.ctx.cluster_id:
-            return [{"Name": "tag:dcx:cluster-id", "Values": [self.ctx.cluster_id]}]
-        return [{"Name": "tag:dcx:cluster", "Values": [self.ctx.cluster_name]}]
+        """This cluster's resources, by its id: never by name alone, which other clusters (a
+        colleague's) may share; without state, destroy finds the id first (find_clusters)."""
+        if not self.ctx.cluster_id:
+            raise ProviderError(f"no cluster id for '{self.ctx.cluster_name}': dcx does not sweep AWS by name alone")
+        return [{"Name": "tag:dcx:cluster-id", "Values": [self.ctx.cluster_id]}]
 
     # --- the site of a pool ---------------------------------------------------------------------
 
@@ -126,18 +149,28 @@ class AwsNetwork:
             return paged(ec2, operation, key, Filters=self.own_filters() + (extra or []))
 
     def _ensure_vpc(self, region: str, cidr: str) -> str:
+        key = f"aws/vpc/{region}"
+        ec2 = self.api.ec2(region)
         found = self._find(region, "describe_vpcs", "Vpcs")
         if found:
-            return str(found[0]["VpcId"])
-        ec2 = self.api.ec2(region)
-        self.ctx.record(f"aws/vpc/{region}", {"state": "creating", "cidr": cidr})
-        with self.api.errors(f"create a VPC in {region}"):
-            vpc_id = ec2.create_vpc(CidrBlock=cidr, TagSpecifications=[
-                tag_spec("vpc", self.tags(self.resource_name))])["Vpc"]["VpcId"]
-            self.ctx.record(f"aws/vpc/{region}", {"id": vpc_id, "cidr": cidr})
-            # Instances get DNS names (their hostnames resolve inside the VPC).
-            ec2.modify_vpc_attribute(VpcId=vpc_id, EnableDnsHostnames={"Value": True})
-        return str(vpc_id)
+            vpc_id = str(found[0]["VpcId"])
+        else:
+            self.ctx.record(key, {"state": "creating", "cidr": cidr})
+            with self.api.errors(f"create a VPC in {region}"):
+                vpc_id = ec2.create_vpc(CidrBlock=cidr, TagSpecifications=[
+                    tag_spec("vpc", self.tags(self.resource_name))])["Vpc"]["VpcId"]
+            self.ctx.record(key, {"id": vpc_id, "cidr": cidr})
+        # A VPC found on a re-run gets the steps an earlier run did not finish: the journal says
+        # which are done (no extra call when they are), else the attribute is asked for.
+        done = self.ctx.recorded(key) or {}
+        if done.get("id") != vpc_id or not done.get("dns"):
+            with self.api.errors(f"enable DNS hostnames in {vpc_id}"):
+                enabled = bool(found) and settle(ec2.describe_vpc_attribute, VpcId=vpc_id,
+                                                 Attribute="enableDnsHostnames")["EnableDnsHostnames"]["Value"]
+                if not enabled:  # instances get DNS names (their hostnames resolve inside the VPC)
+                    settle(ec2.modify_vpc_attribute, VpcId=vpc_id, EnableDnsHostnames={"Value": True})
+            self.ctx.record(key, {"id": vpc_id, "cidr": done.get("cidr", cidr), "dns": True})
+        return vpc_id
 
     def _ensure_igw(self, region: str, vpc_id: str) -> str:
         ec2 = self.api.ec2(region)
@@ -154,7 +187,7 @@ class AwsNetwork:
             self.ctx.record(f"aws/igw/{region}", {"id": igw_id, "vpc": vpc_id})
         if not any(a.get("VpcId") == vpc_id for a in igw.get("Attachments") or []):
             with self.api.errors(f"attach internet gateway {igw_id} to {vpc_id}"):
-                ec2.attach_internet_gateway(InternetGatewayId=igw_id, VpcId=vpc_id)
+                settle(ec2.attach_internet_gateway, InternetGatewayId=igw_id, VpcId=vpc_id)
         return str(igw_id)
 
     def _ensure_route_table(self, region: str, vpc_id: str, igw_id: str) -> dict[str, Any]:
@@ -165,13 +198,13 @@ class AwsNetwork:
         else:
             self.ctx.record(f"aws/rtb/{region}", {"state": "creating", "vpc": vpc_id})
             with self.api.errors(f"create a route table in {vpc_id}"):
-                rtb = ec2.create_route_table(VpcId=vpc_id, TagSpecifications=[
+                rtb = settle(ec2.create_route_table, VpcId=vpc_id, TagSpecifications=[
                     tag_spec("route-table", self.tags(self.resource_name))])["RouteTable"]
             self.ctx.record(f"aws/rtb/{region}", {"id": rtb["RouteTableId"], "vpc": vpc_id})
         if not any(r.get("DestinationCidrBlock") == "0.0.0.0/0" for r in rtb.get("Routes") or []):
             with self.api.errors(f"add the default route to {rtb['RouteTableId']}"):
-                ec2.create_route(RouteTableId=rtb["RouteTableId"], DestinationCidrBlock="0.0.0.0/0",
-                                 GatewayId=igw_id)
+                settle(ec2.create_route, RouteTableId=rtb["RouteTableId"], DestinationCidrBlock="0.0.0.0/0",
+                       GatewayId=igw_id)
         return rtb
 
     def subnet_cidr(self, settings: Any, index: int) -> str:
@@ -200,15 +233,15 @@ class AwsNetwork:
             cidr = self.subnet_cidr(settings, index)
             self.ctx.record(f"aws/subnet/{region}/{az}", {"state": "creating", "cidr": cidr, "vpc": site.vpc_id})
             with self.api.errors(f"create subnet {cidr} in {az}"):
-                subnet_id = ec2.create_subnet(VpcId=site.vpc_id, CidrBlock=cidr, AvailabilityZone=az,
-                                              TagSpecifications=[tag_spec("subnet", self.tags(
-                                                  f"{self.resource_name}-{az}"))])["Subnet"]["SubnetId"]
+                subnet_id = settle(ec2.create_subnet, VpcId=site.vpc_id, CidrBlock=cidr, AvailabilityZone=az,
+                                   TagSpecifications=[tag_spec("subnet", self.tags(
+                                       f"{self.resource_name}-{az}"))])["Subnet"]["SubnetId"]
             self.ctx.record(f"aws/subnet/{region}/{az}", {"id": subnet_id, "cidr": cidr, "vpc": site.vpc_id})
         igw_id = igw_id or self._ensure_igw(region, site.vpc_id)
         rtb = self._ensure_route_table(region, site.vpc_id, igw_id)
         if not any(a.get("SubnetId") == subnet_id for a in rtb.get("Associations") or []):
             with self.api.errors(f"associate subnet {subnet_id} with route table {rtb['RouteTableId']}"):
-                ec2.associate_route_table(SubnetId=subnet_id, RouteTableId=rtb["RouteTableId"])
+                settle(ec2.associate_route_table, SubnetId=subnet_id, RouteTableId=rtb["RouteTableId"])
         return str(subnet_id), az
 
     def more_subnets(self, site: Site, settings: Any) -> tuple[str, str] | None:
@@ -233,6 +266,16 @@ class AwsNetwork:
             # dcx reaches private addresses only from inside the network (a VPN, a bastion, a peer VPC).
             return list(site.vpc_cidrs)
         return [self.operator_cidr()]
+
+    def api_cidrs(self, ssh: list[str]) -> list[str]:
+        """Where the Kubernetes API (6443) is reached from, for engine k3s: the kubeconfig dcx writes
+        points at a control node's public address, so the operator's addresses need it open:
+        spec.network.apiCIDR, default the SSH sources. Nothing for swarm (or without a spec)."""
+        spec = self.ctx.spec
+        if spec is None or spec.spec.engine.type != "k3s":
+            return []
+        given = [c.strip() for c in (getattr(self.ctx.network, "apiCIDR", "") or "").split(",") if c.strip()]
+        return sorted({str(ipaddress.ip_network(c, strict=False)) for c in given}) if given else ssh
 
     def operator_cidr(self) -> str:
         """This machine's public address as AWS sees it; never a silent 0.0.0.0/0."""
@@ -263,37 +306,66 @@ class AwsNetwork:
         else:
             self.ctx.record(key, {"state": "creating", "name": self.resource_name})
             with self.api.errors(f"create security group {self.resource_name} in {site.vpc_id}"):
-                sg_id = ec2.create_security_group(
-                    GroupName=self.resource_name, VpcId=site.vpc_id,
-                    Description=f"dcx cluster {self.ctx.cluster_name} ({self.ctx.cluster_id})",
+                sg_id = settle(
+                    ec2.create_security_group, GroupName=ec2_text(self.resource_name, "security group name"),
+                    VpcId=site.vpc_id, Description=ec2_text(
+                        f"dcx cluster {self.ctx.cluster_name} ({self.ctx.cluster_id})", "security group description"),
                     TagSpecifications=[tag_spec("security-group", self.tags(self.resource_name))])["GroupId"]
             self.ctx.record(key, {"id": sg_id, "name": self.resource_name})
             permissions = []
-        wanted = {("tcp", 22, 22, cidr) for cidr in self.ssh_cidrs(site, settings)} | {("-1", None, None, sg_id)}
+        ssh = self.ssh_cidrs(site, settings)
+        wanted = {("tcp", 22, 22, cidr) for cidr in ssh} | {("-1", None, None, sg_id)}
+        wanted |= {("tcp", API_PORT, API_PORT, cidr) for cidr in self.api_cidrs(ssh)}
         have = {r for r in rules(permissions) if _managed(r, sg_id)}
         self.apply_rules(region, sg_id, add=wanted - have, remove=have - wanted)
         return str(sg_id)
 
-    def apply_rules(self, region: str, sg_id: str, add: set[tuple[Any, ...]], remove: set[tuple[Any, ...]]) -> None:
+    def apply_rules(self, region: str, sg_id: str, add: set[tuple[Any, ...]], remove: set[tuple[Any, ...]],
+                    quota_ok: bool = False) -> bool:
+        """Stale rules go first (they free room in the group's rule quota), then the new ones. With
+        `quota_ok`, RulesPerSecurityGroupLimitExceeded returns False (nothing was added) instead."""
         ec2 = self.api.ec2(region)
+        if remove:
+            with self.api.errors(f"remove stale rules from security group {sg_id}"):
+                settle(ec2.revoke_security_group_ingress, GroupId=sg_id, IpPermissions=permissions_of(remove))
         if add:
             with self.api.errors(f"add rules to security group {sg_id}"):
                 try:
-                    ec2.authorize_security_group_ingress(GroupId=sg_id, IpPermissions=permissions_of(add))
+                    settle(ec2.authorize_security_group_ingress, GroupId=sg_id, IpPermissions=permissions_of(add))
                 except Exception as exc:
+                    if quota_ok and code_of(exc) == "RulesPerSecurityGroupLimitExceeded":
+                        return False
                     if code_of(exc) != "InvalidPermission.Duplicate":
                         raise
-        if remove:
-            with self.api.errors(f"remove stale rules from security group {sg_id}"):
-                ec2.revoke_security_group_ingress(GroupId=sg_id, IpPermissions=permissions_of(remove))
+        return True
 
     def allow_mesh_peers(self, site: Site, peers: list[str], port: int) -> None:
+        """The mesh port from exactly the peers' /32s, one rule each, while they fit the group's rule
+        quota; beyond it, from anywhere (that one port only).
+
+        Why not more: a group holds 60 inbound rules per IP version by default, and a referenced
+        managed prefix list counts as its MaxEntries rules (VPC User Guide, "Amazon VPC quotas"), so a
+        prefix list raises no ceiling over /32 rules; extra groups per interface (5 at most, set on
+        every instance) only move it to ~300 while costing calls per instance. A hybrid cluster of
+        hundreds of nodes exceeds any of them. The mesh is WireGuard: it answers no packet that is not
+        a valid handshake from a configured peer key, so the open port shows nothing to, and accepts
+        nothing from, anyone else (README, "The mesh"). The quota is learnt from EC2's answer
+        (RulesPerSecurityGroupLimitExceeded; raised quotas work), and a later run with fewer peers
+        narrows the port back to their /32s."""
         ec2 = self.api.ec2(site.region)
         with self.api.errors(f"read security group {site.sg_id}"):
-            group = ec2.describe_security_groups(GroupIds=[site.sg_id])["SecurityGroups"][0]
+            group = settle(ec2.describe_security_groups, GroupIds=[site.sg_id])["SecurityGroups"][0]
         have = {r for r in rules(group.get("IpPermissions") or []) if _is_mesh(r)}
+        world = {("udp", port, port, WORLD)}
         wanted = {("udp", port, port, cidr) for cidr in peer_cidrs(peers, "the AWS security group")}
-        self.apply_rules(site.region, site.sg_id, add=wanted - have, remove=have - wanted)
+        if self.apply_rules(site.region, site.sg_id, add=wanted - have, remove=have - wanted - world,
+                            quota_ok=True):
+            if have & world and not wanted & world:
+                self.apply_rules(site.region, site.sg_id, add=set(), remove=world)
+            return
+        self.ctx.log.warning("%d mesh peers exceed the rule quota of security group %s: its mesh port %d is "
+                             "open to all (WireGuard answers only its peers)", len(wanted), site.sg_id, port)
+        self.apply_rules(site.region, site.sg_id, add=world - have, remove=(have - world))
 
     # --- key pair -------------------------------------------------------------------------------
 
@@ -336,9 +408,13 @@ class AwsNetwork:
                 ec2.delete_key_pair(KeyName=name)
             removed.append(f"aws key-pair {name}")
         for igw in self._find(region, "describe_internet_gateways", "InternetGateways"):
+            # Detaching answers DependencyViolation while the VPC still maps public addresses of
+            # instances being terminated: retried like the other deletes.
+            for att in igw.get("Attachments") or []:
+                self._delete_when_free(lambda i=igw, a=att: ec2.detach_internet_gateway(
+                    InternetGatewayId=i["InternetGatewayId"], VpcId=a["VpcId"]),
+                    f"detach internet gateway {igw['InternetGatewayId']} from {att['VpcId']}")
             with self.api.errors(f"delete internet gateway {igw['InternetGatewayId']}"):
-                for att in igw.get("Attachments") or []:
-                    ec2.detach_internet_gateway(InternetGatewayId=igw["InternetGatewayId"], VpcId=att["VpcId"])
                 ec2.delete_internet_gateway(InternetGatewayId=igw["InternetGatewayId"])
             removed.append(f"aws internet-gateway {igw['InternetGatewayId']}")
         for subnet in self._find(region, "describe_subnets", "Subnets"):
@@ -362,6 +438,7 @@ class AwsNetwork:
         """Network interfaces of terminated instances take a while to go; until then AWS answers
         DependencyViolation. A resource already gone is fine."""
         deadline = time.monotonic() + timeout
+        delay = 1.0
         with self.api.errors(what):
             while True:
                 try:
@@ -369,11 +446,12 @@ class AwsNetwork:
                     return
                 except Exception as exc:
                     code = code_of(exc)
-                    if code.endswith(".NotFound"):
+                    if code.endswith(".NotFound") or code == "Gateway.NotAttached":
                         return
                     if code != "DependencyViolation" or time.monotonic() > deadline:
                         raise
-                time.sleep(5)
+                time.sleep(delay)
+                delay = min(delay * 2, 5)
 
 
 def rules(permissions: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
@@ -398,21 +476,23 @@ def permissions_of(wanted: set[tuple[Any, ...]]) -> list[dict[str, Any]]:
         perm: dict[str, Any] = {"IpProtocol": proto}
         if lo is not None:
             perm.update(FromPort=lo, ToPort=hi)
+        desc = ec2_text(SELF_RULE if source.startswith("sg-") else SSH_RULE if (proto, lo) == ("tcp", 22)
+                        else API_RULE if (proto, lo) == ("tcp", API_PORT) else MESH_RULE, "rule description")
         if source.startswith("sg-"):
-            perm["UserIdGroupPairs"] = [{"GroupId": source, "Description": SELF_RULE}]
+            perm["UserIdGroupPairs"] = [{"GroupId": source, "Description": desc}]
         elif ":" in source:
-            perm["Ipv6Ranges"] = [{"CidrIpv6": source, "Description": SSH_RULE if lo == 22 else MESH_RULE}]
+            perm["Ipv6Ranges"] = [{"CidrIpv6": source, "Description": desc}]
         else:
-            desc = SSH_RULE if (proto, lo) == ("tcp", 22) else MESH_RULE
             perm["IpRanges"] = [{"CidrIp": source, "Description": desc}]
         out.append(perm)
     return out
 
 
 def _managed(rule: tuple[Any, ...], sg_id: str) -> bool:
-    """Rules ensure_security_group owns: SSH sources and traffic from groups (mesh rules are apart)."""
+    """Rules ensure_security_group owns: SSH and API sources and traffic from groups (mesh rules are
+    apart)."""
     proto, lo, _hi, source = rule
-    return (proto, lo) == ("tcp", 22) or str(source).startswith("sg-")
+    return (proto, lo) in (("tcp", 22), ("tcp", API_PORT)) or str(source).startswith("sg-")
 
 
 def _is_mesh(rule: tuple[Any, ...]) -> bool:

@@ -36,7 +36,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dcx.errors import InputError, ProviderError
-from dcx.providers.base import Node, NodeRequest, Provider
+from dcx.providers.base import FoundCluster, Node, NodeRequest, Provider
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 LOCATION_RE = re.compile(r"^[a-z][a-z0-9]+$")
@@ -46,7 +46,7 @@ URN_RE = re.compile(r"^[^:\s]+:[^:\s]+:[^:\s]+:[^:\s]+$")
 VNET_ID_RE = re.compile(r"^/subscriptions/([^/]+)/resourceGroups/([^/]+)/providers/Microsoft\.Network/"
                         r"virtualNetworks/([^/]+)$", re.IGNORECASE)
 ARM_SIZE_RE = re.compile(r"^Standard_[A-Z]+\d+[a-z]*p[a-z]*_v\d+$")  # Ampere (arm64): D2ps_v5, B2pts_v2
-RESERVED_TAGS = ("dcx-cluster", "dcx-cluster-id", "dcx-pool")
+RESERVED_TAGS = ("dcx-cluster", "dcx-cluster-id", "dcx-pool", "dcx-created", "dcx-created-by")
 # Names Azure refuses as a VM's admin user: such a login user (root) gets its key from cloud-init instead.
 RESERVED_ADMINS = {"administrator", "admin", "user", "user1", "test", "user2", "test1", "user3", "admin1", "1", "123",
                    "a", "actuser", "adm", "admin2", "aspnet", "backup", "console", "david", "guest", "john", "owner",
@@ -54,12 +54,19 @@ RESERVED_ADMINS = {"administrator", "admin", "user", "user1", "test", "user2", "
 FALLBACK_ADMIN = "azureuser"
 NETWORK = "Microsoft.Network"
 STOPPED = ("PowerState/deallocated", "PowerState/stopped", "PowerState/deallocating")
+COMPUTE = "Microsoft.Compute"
+# Cloud images' sshd listens on 22 and dcx does not move it (spec.ssh.port is the default port of ssh
+# pools' hosts): the security group opens the port dcx connects to.
+SSH_PORT = 22
+# A NIC whose VM was deleted without it is reserved for that VM for 180 s (NicReservedForAnotherVm):
+# its delete is retried that long, and a little more.
+NIC_RESERVED_WAIT = 240.0
 
 
 class AzureSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     subscription: str = ""  # default: AZURE_SUBSCRIPTION_ID
-    location: str = ""  # required, e.g. westeurope
+    location: str  # required (e.g. westeurope): named before any credential is looked for
     vmSize: str = Field(default="Standard_B2s", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
     image: str = ""  # publisher:offer:sku:version or an image resource id; default: the latest Ubuntu LTS
     resourceGroup: str = ""  # default: dcx-CLUSTER
@@ -137,7 +144,7 @@ class AzureSettings(BaseModel):
             if key in RESERVED_TAGS:
                 raise ValueError(f"tag '{key}' is set by dcx")
         if len(tags) > 50 - len(RESERVED_TAGS):
-            raise ValueError("at most 47 tags")
+            raise ValueError(f"at most {50 - len(RESERVED_TAGS)} tags")
         return tags
 
     @model_validator(mode="after")
@@ -222,7 +229,48 @@ class AzureProvider(Provider):
 
     def tags(self, pool: Any) -> dict[str, str]:
         return {**self.settings(pool).tags, "dcx-cluster": self.ctx.cluster_name,
-                "dcx-cluster-id": self.ctx.cluster_id, "dcx-pool": pool.name}
+                "dcx-cluster-id": self.ctx.cluster_id, "dcx-pool": pool.name, **self.creation_tags()}
+
+    def creation_tags(self) -> dict[str, str]:
+        """When and by whom (the credential's token claims: upn, appid or oid) the cluster was made;
+        what the state recorded first is kept, so every run tags alike."""
+        recorded = self.ctx.recorded("azure/created")
+        if not recorded:
+            from dcx.state import now_iso
+
+            self.api.credential()
+            recorded = {"dcx-created": now_iso(), "dcx-created-by": self.api.identity}
+            self.ctx.record("azure/created", recorded)
+        return {k: v for k, v in dict(recorded).items() if v}
+
+    def find_clusters(self, pools: list[Any]) -> list[FoundCluster]:
+        """Clusters of this name in the pools' subscriptions: the resource groups dcx made (by tag), and
+        the tagged VMs in the groups the pools name."""
+        found: dict[tuple[str, str], FoundCluster] = {}
+
+        def add(cid: str, where: str, tags: dict[str, str]) -> None:
+            if cid and (cid, where) not in found:
+                found[(cid, where)] = FoundCluster(id=cid, name=self.ctx.cluster_name, provider=self.name,
+                                                   where=where, created=tags.get("dcx-created", ""),
+                                                   created_by=tags.get("dcx-created-by", ""))
+
+        for sub in sorted({self.subscription_of(p) for p in pools}):
+            rc = self.api.resource(sub)
+            wanted = f"tagName eq 'dcx-cluster' and tagValue eq '{self.ctx.cluster_name}'"
+            with self.api.errors("list resource groups"):
+                for g in rc.resource_groups.list(filter=wanted):
+                    tags = dict(g.tags or {})
+                    add(tags.get("dcx-cluster-id", ""), f"resource group {g.name} ({sub})", tags)
+        for pool in pools:
+            group = self.settings(pool).resourceGroup
+            if not group:
+                continue
+            sub = self.subscription_of(pool)
+            for vm in self.list_vms(sub, group):
+                tags = vm.get("tags") or {}
+                if tags.get("dcx-cluster") == self.ctx.cluster_name:
+                    add(tags.get("dcx-cluster-id", ""), f"resource group {group} ({sub})", tags)
+        return sorted(found.values(), key=lambda c: (c.id, c.where))
 
     def owns(self, tags: dict[str, str] | None, pools: set[str] | None = None) -> bool:
         """Whether tags mark a resource as this cluster's (by name alone when the id is unknown)."""
@@ -254,7 +302,16 @@ class AzureProvider(Provider):
         return location
 
     def group_of(self, pool: Any) -> str:
-        return self.settings(pool).resourceGroup or f"dcx-{self.ctx.cluster_name}"
+        """The pool's resourceGroup, or the one dcx makes: `dcx-NAME-ID`, so that two clusters of one
+        name (two colleagues) never share, nor sweep, each other's group. A cluster made when the group
+        was `dcx-NAME` (its state records it) keeps that one."""
+        s = self.settings(pool)
+        if s.resourceGroup:
+            return s.resourceGroup
+        legacy = f"dcx-{self.ctx.cluster_name}"
+        if not self.ctx.cluster_id or self.ctx.recorded(f"azure/group/{self.subscription_of(pool)}/{legacy}"):
+            return legacy
+        return f"dcx-{self.ctx.cluster_name}-{self.ctx.cluster_id}"
 
     def ssh_sources(self) -> list[str]:
         network = self.ctx.network
@@ -263,6 +320,12 @@ class AzureProvider(Provider):
             raise InputError("spec.network.sshCIDR is empty: Azure pools open SSH only to the addresses given there",
                              hint="set spec.network.sshCIDR to the address(es) dcx connects from, e.g. 203.0.113.7/32")
         return sorted(str(ipaddress.ip_network(c, strict=False)) for c in cidrs)
+
+    def api_sources(self) -> list[str]:
+        """Where kubectl reaches a k3s cluster's API from: spec.network.apiCIDR, else sshCIDR."""
+        network = self.ctx.network
+        cidrs = [c.strip() for c in (getattr(network, "apiCIDR", "") or "").split(",") if c.strip()]
+        return sorted(str(ipaddress.ip_network(c, strict=False)) for c in cidrs) if cidrs else self.ssh_sources()
 
     def check_network_plan(self) -> None:
         """Pools sharing the network dcx makes (same group and location) must agree on its ranges."""
@@ -347,10 +410,26 @@ class AzureProvider(Provider):
         else:
             where = Where(sub, group["name"], location, group["name"], f"dcx-{cluster}-vnet{suffix}", "default", True,
                           f"dcx-{cluster}-nsg{suffix}")
-        azure_network.ensure_vnet(self, pool, where)
+        self.registered(sub, NETWORK, lambda: azure_network.ensure_vnet(self, pool, where))
         azure_network.ensure_nsg(self, pool, where)
         self._where[pool.name] = where
         return where
+
+    def registered(self, sub: str, namespace: str, call: Any) -> Any:
+        """Run `call`, the first use of a resource provider namespace in a run. A subscription that has
+        not registered the namespace answers 409 MissingSubscriptionRegistration; azure-mgmt-core's
+        ARMAutoResourceProviderRegistrationPolicy registers it and sends the call again when the
+        identity may register. What still answers 409 is met here: one more try (registration may have
+        been under way), and an identity that may not register gets one line naming what to ask for."""
+        from dcx.providers.azure_api import NOT_REGISTERED, code_of, register_namespace
+
+        try:
+            return call()
+        except ProviderError as exc:
+            if code_of(exc) != NOT_REGISTERED:
+                raise
+        register_namespace(self.api, sub, namespace)
+        return call()
 
     def allow_mesh_peers(self, pools: list[Any], peers: list[str], port: int) -> None:
         from dcx.providers import azure_network
@@ -394,8 +473,10 @@ class AzureProvider(Provider):
                 "linuxConfiguration": {"disablePasswordAuthentication": True, "ssh": {"publicKeys": [
                     {"path": f"/home/{admin}/.ssh/authorized_keys", "keyData": self.ctx.ssh_public_key.strip()}]}}},
             "networkProfile": {"networkInterfaces": [
+                # The NIC goes with its VM (and its public IP with it, see pip_body): nothing is left
+                # billed, and no NIC is left reserved for 180 s after its VM (NicReservedForAnotherVm).
                 {"id": f"{where.group_id}/providers/{NETWORK}/networkInterfaces/{name}-nic",
-                 "properties": {"primary": True}}]},
+                 "properties": {"primary": True, "deleteOption": "Delete"}}]},
         }
         if s.spot:
             props.update(priority="Spot", evictionPolicy="Deallocate", billingProfile={"maxPrice": -1})
@@ -411,11 +492,13 @@ class AzureProvider(Provider):
 
     def pip_body(self, pool: Any, where: Where) -> dict[str, Any]:
         return {"location": where.location, "tags": self.tags(pool), "sku": {"name": "Standard"},
-                "properties": {"publicIPAllocationMethod": "Static", "publicIPAddressVersion": "IPv4"}}
+                "properties": {"publicIPAllocationMethod": "Static", "publicIPAddressVersion": "IPv4",
+                               "deleteOption": "Delete"}}
 
-    def list_vms(self, sub: str, group: str, instance_view: bool = False) -> list[dict[str, Any]]:
-        """Every VM in the group ([] when the group does not exist)."""
-        from dcx.providers.azure_api import is_not_found
+    def list_vms(self, sub: str, group: str, instance_view: bool = False, strict: bool = False) -> list[dict[str, Any]]:
+        """Every VM in the group ([] when the group does not exist, or when the subscription never
+        registered Microsoft.Compute, unless `strict`: then that is an error)."""
+        from dcx.providers.azure_api import NOT_REGISTERED, code_of, is_not_found
 
         cc = self.api.compute(sub)
         with self.api.errors(f"list virtual machines in {group}"):
@@ -423,32 +506,32 @@ class AzureProvider(Provider):
                 kwargs = {"expand": "instanceView"} if instance_view else {}
                 return [json_of(vm) for vm in cc.virtual_machines.list(group, **kwargs)]
             except Exception as exc:
-                if is_not_found(exc):
+                if is_not_found(exc) or (not strict and code_of(exc) == NOT_REGISTERED):
                     return []
                 raise
 
     def list_network(self, sub: str, group: str, kind: str) -> list[dict[str, Any]]:
         """network_interfaces / public_ip_addresses / network_security_groups / virtual_networks of a group."""
-        from dcx.providers.azure_api import is_not_found
+        from dcx.providers.azure_api import NOT_REGISTERED, code_of, is_not_found
 
         nc = self.api.network(sub)
         with self.api.errors(f"list {kind.replace('_', ' ')} in {group}"):
             try:
                 return [json_of(x) for x in getattr(nc, kind).list(group)]
             except Exception as exc:
-                if is_not_found(exc):
+                if is_not_found(exc) or code_of(exc) == NOT_REGISTERED:  # never registered: nothing there
                     return []
                 raise
 
     def list_disks(self, sub: str, group: str) -> list[dict[str, Any]]:
-        from dcx.providers.azure_api import is_not_found
+        from dcx.providers.azure_api import NOT_REGISTERED, code_of, is_not_found
 
         cc = self.api.compute(sub)
         with self.api.errors(f"list disks in {group}"):
             try:
                 return [json_of(d) for d in cc.disks.list_by_resource_group(group)]
             except Exception as exc:
-                if is_not_found(exc):
+                if is_not_found(exc) or code_of(exc) == NOT_REGISTERED:  # never registered: nothing there
                     return []
                 raise
 
@@ -456,7 +539,8 @@ class AzureProvider(Provider):
         self.ssh_sources()  # bad input fails before anything is made
         self.check_network_plan()
         where = self.where(pool)
-        vms = {vm["name"].lower(): vm for vm in self.list_vms(where.subscription, where.group)}
+        vms = {vm["name"].lower(): vm for vm in self.registered(
+            where.subscription, COMPUTE, lambda: self.list_vms(where.subscription, where.group, strict=True))}
         missing = []
         for r in requests:
             vm = vms.get(r.name.lower())
@@ -531,8 +615,8 @@ class AzureProvider(Provider):
         return Node(
             name=vm["name"], pool=pool.name, provider=self.name, role=pool.role,
             ssh_address=public if s.sshAddress == "public" else private, private_address=private,
-            public_address=public, ssh_user=self.ctx.ssh_user, network=network,
-            provider_ids={"vm": vm["name"], "resourceGroup": rid[4], "subscription": rid[2],
+            public_address=public, ssh_user=self.ctx.ssh_user, ssh_port=SSH_PORT, network=network,
+            hostname=vm["name"], provider_ids={"vm": vm["name"], "resourceGroup": rid[4], "subscription": rid[2],
                           "location": vm["location"]},
             extra={"power": power} if power else {})
 
@@ -600,10 +684,31 @@ class AzureProvider(Provider):
         nc, cc = self.api.network(sub), self.api.compute(sub)
         self.ctx.log.info("azure: deleting %d machine(s) in %s", len(names), group)
         self.api.run_all("delete virtual machine", names, lambda n: cc.virtual_machines.begin_delete(group, n))
+        # Made with deleteOption Delete, the NIC and public IP went with the VM (these answer 204);
+        # machines made before that keep them, and their NICs stay reserved for a while.
         self.api.run_all("delete network interface", [f"{n}-nic" for n in names],
-                         lambda n: nc.network_interfaces.begin_delete(group, n))
+                         lambda n: self.begin_nic_delete(sub, group, n))
         self.api.run_all("delete public IP", [f"{n}-pip" for n in names],
                          lambda n: nc.public_ip_addresses.begin_delete(group, n))
+
+    def begin_nic_delete(self, sub: str, group: str, name: str) -> Any:
+        """Start deleting a NIC, retrying while it is reserved for its deleted VM (up to 180 s)."""
+        import time
+
+        from azure.core.exceptions import HttpResponseError
+
+        from dcx.providers.azure_api import code_of
+
+        nc = self.api.network(sub)
+        deadline = time.monotonic() + NIC_RESERVED_WAIT
+        while True:
+            try:
+                return nc.network_interfaces.begin_delete(group, name)
+            except HttpResponseError as exc:
+                if code_of(exc) != "NicReservedForAnotherVm" or time.monotonic() > deadline:
+                    raise
+                self.ctx.log.info("azure: network interface %s is still reserved for its deleted VM: retrying", name)
+                time.sleep(min(max(self.api.poll_interval * 2, 1.0), 10.0))
 
     def sweep(self, pools: list[Any]) -> list[str]:
         """Delete the resource groups dcx made for the cluster (found by tag, so also after the state was
@@ -626,7 +731,7 @@ class AzureProvider(Provider):
         for sub, group in sorted(groups):
             if (sub, group.lower()) not in deleted:
                 removed += self._sweep_group(sub, group)
-        for prefix in ("azure/group/", "azure/vm/", "azure/vnet/", "azure/nsg/", "azure/mesh/"):
+        for prefix in ("azure/group/", "azure/vm/", "azure/vnet/", "azure/nsg/", "azure/mesh/", "azure/created"):
             for key in self.ctx.recorded_keys(prefix):
                 self.ctx.record(key, None)
         return removed
@@ -638,11 +743,12 @@ class AzureProvider(Provider):
         vms = [vm["name"] for vm in self.list_vms(sub, group) if self.owns(vm.get("tags"))]
         self.api.run_all("delete virtual machine", vms, lambda n: cc.virtual_machines.begin_delete(group, n))
         removed += [f"azure virtual machine {n}" for n in vms]
-        for kind, what in (("network_interfaces", "network interface"), ("public_ip_addresses", "public IP")):
-            names = [x["name"] for x in self.list_network(sub, group, kind) if self.owns(x.get("tags"))]
-            ops = getattr(nc, kind)
-            self.api.run_all(f"delete {what}", names, lambda n, ops=ops: ops.begin_delete(group, n))
-            removed += [f"azure {what} {n}" for n in names]
+        nics = [x["name"] for x in self.list_network(sub, group, "network_interfaces") if self.owns(x.get("tags"))]
+        self.api.run_all("delete network interface", nics, lambda n: self.begin_nic_delete(sub, group, n))
+        removed += [f"azure network interface {n}" for n in nics]
+        pips = [x["name"] for x in self.list_network(sub, group, "public_ip_addresses") if self.owns(x.get("tags"))]
+        self.api.run_all("delete public IP", pips, lambda n: nc.public_ip_addresses.begin_delete(group, n))
+        removed += [f"azure public IP {n}" for n in pips]
         disks = [d["name"] for d in self.list_disks(sub, group) if self.owns(d.get("tags"))]
         self.api.run_all("delete disk", disks, lambda n: cc.disks.begin_delete(group, n))
         removed += [f"azure disk {n}" for n in disks]

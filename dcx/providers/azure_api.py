@@ -99,6 +99,7 @@ class AzureApi:
                                 hint="give the path of a PEM file of CA certificates, or unset it")
         self._credential: Any = None
         self._token_checked = False
+        self.identity = ""  # who the credential is (from its token's claims), once credential() ran
         self._clients: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         route_sdk_logs(log)
@@ -134,7 +135,7 @@ class AzureApi:
         from azure.identity import CredentialUnavailableError
 
         try:
-            self._credential.get_token(self.scope)
+            self.identity = identity_of(self._credential.get_token(self.scope).token)
         except ClientAuthenticationError as exc:
             text = str(getattr(exc, "message", "") or exc)
             # DefaultAzureCredential reports "every credential was unavailable" as a plain
@@ -242,6 +243,28 @@ class AzureApi:
         return results
 
 
+def identity_of(token: str) -> str:
+    """Who an Entra access token was issued to, from its claims (the token is a JWT; its signature is
+    not ours to check): a user's `upn` (or `unique_name`), else an application's `appid` (or `azp`),
+    else the object id `oid`. "" when the token says none of them (an opaque token)."""
+    import base64
+    import json
+
+    parts = token.split(".")
+    if len(parts) != 3:
+        return ""
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except ValueError:
+        return ""
+    if not isinstance(claims, dict):
+        return ""
+    for key, label in (("upn", ""), ("unique_name", ""), ("appid", "app:"), ("azp", "app:"), ("oid", "oid:")):
+        if claims.get(key):
+            return f"{label}{claims[key]}"[:256]  # a tag value holds at most 256 characters
+    return ""
+
+
 def provider_error(what: str, exc: BaseException) -> ProviderError:
     from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 
@@ -249,8 +272,10 @@ def provider_error(what: str, exc: BaseException) -> ProviderError:
         return ProviderError(f"Azure {what}: authentication failed: {_auth_detail(exc)}", hint=CREDENTIAL_HINT)
     if isinstance(exc, HttpResponseError):
         code, message = error_of(exc)
-        return ProviderError(f"Azure {what}: {code}: {message}" if code else f"Azure {what}: {message}",
-                             hint=_hint(code, getattr(exc, "status_code", None)))
+        error = ProviderError(f"Azure {what}: {code}: {message}" if code else f"Azure {what}: {message}",
+                              hint=_hint(code, getattr(exc, "status_code", None)))
+        error.code = code  # type: ignore[attr-defined] # callers react to some codes (registration)
+        return error
     # Transport errors: cannot connect, TLS, timeouts.
     return ProviderError(f"Azure {what}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
                          hint=f"check the network, and {ENDPOINT_ENV} / {CA_ENV} if set")
@@ -272,7 +297,42 @@ def error_of(exc: Any) -> tuple[str, str]:
 
 
 def code_of(exc: BaseException) -> str:
+    """The ARM error code of an SDK error, or of a ProviderError made from one."""
+    if isinstance(exc, ProviderError):
+        return str(getattr(exc, "code", "") or "")
     return error_of(exc)[0]
+
+
+NOT_REGISTERED = "MissingSubscriptionRegistration"
+REGISTRATION_TIMEOUT = 600.0  # seconds; Azure documents registration as taking "a few minutes"
+
+
+def register_namespace(api: AzureApi, subscription: str, namespace: str) -> None:
+    """Register a resource provider namespace in the subscription and wait until it is Registered
+    (Resources API: Providers - Register, then Providers - Get until registrationState is Registered).
+    An identity that may not register gets one line saying what to ask the subscription's admin for."""
+    rc = api.resource(subscription)
+    api.log.info("azure: registering resource provider %s in subscription %s", namespace, subscription)
+    try:
+        with api.errors(f"register resource provider {namespace}"):
+            rc.providers.register(namespace)
+    except ProviderError as exc:
+        if code_of(exc) not in ("AuthorizationFailed", "LinkedAuthorizationFailed"):
+            raise
+        raise ProviderError(f"Azure subscription {subscription} has not registered the resource provider {namespace} "
+                            "and this identity may not register it",
+                            hint=f"ask an admin of the subscription to run `az provider register --namespace "
+                                 f"{namespace}` (or to grant {namespace}/register/action)") from None
+    deadline = time.monotonic() + REGISTRATION_TIMEOUT
+    while True:
+        with api.errors(f"get resource provider {namespace}"):
+            state = rc.providers.get(namespace).registration_state
+        if state == "Registered":
+            return
+        if time.monotonic() > deadline:
+            raise ProviderError(f"Azure resource provider {namespace}: still {state} after "
+                                f"{REGISTRATION_TIMEOUT / 60:.0f} minutes", hint="run the command again later")
+        time.sleep(max(api.poll_interval, 1.0))
 
 
 def is_not_found(exc: BaseException) -> bool:

@@ -3,7 +3,8 @@
 The security group `dcx-CLUSTER-nsg` is attached to every NIC of the cluster in its group and location.
 Its inbound rules:
 
-- 100 dcx-ssh: TCP to the SSH port from spec.network.sshCIDR only;
+- 100 dcx-ssh: TCP 22 (where dcx connects) from spec.network.sshCIDR only;
+- 101 dcx-api (k3s): TCP 6443 from spec.network.apiCIDR (default: sshCIDR), for kubectl;
 - 110-113 dcx-cluster-*: the engine's ports (and ICMP, ESP for swarm's encrypted overlays, the mesh
   port) from the cluster's subnets only (the address prefixes of the subnets its pools use there);
 - 120 dcx-mesh: the mesh UDP port from the /32s of the cluster's nodes in other networks, only while
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from dcx.providers.azure import AzureProvider, Where
 
 MESH_RULE = "dcx-mesh"
+K3S_API_PORT = "6443"
 # Engine ports between the cluster's own machines: (protocol, ports) per engine.
 ENGINE_PORTS: dict[str, list[tuple[str, list[str]]]] = {
     "swarm": [("Tcp", ["2377", "7946"]), ("Udp", ["7946", "4789"]), ("Esp", ["*"])],
@@ -63,9 +65,13 @@ def rule_key(r: dict[str, Any]) -> tuple[Any, ...]:
 def base_rules(provider: AzureProvider, prefixes: list[str]) -> list[dict[str, Any]]:
     spec = provider.ctx.spec
     network = provider.ctx.network
-    ssh_port = str(spec.spec.ssh.port) if spec is not None else "22"
+    from dcx.providers.azure import SSH_PORT
+
     engine = spec.spec.engine.type if spec is not None else "swarm"
-    rules = [rule("dcx-ssh", 100, "Tcp", provider.ssh_sources(), [ssh_port])]
+    # SSH on the port dcx connects to (Node.ssh_port): the image's sshd, which dcx does not move.
+    rules = [rule("dcx-ssh", 100, "Tcp", provider.ssh_sources(), [str(SSH_PORT)])]
+    if engine == "k3s":  # the kubeconfig dcx writes points at a server's address on 6443
+        rules.append(rule("dcx-api", 101, "Tcp", provider.api_sources(), [K3S_API_PORT]))
     ports = [(proto, list(p)) for proto, p in ENGINE_PORTS.get(engine, ENGINE_PORTS["swarm"])]
     if network is not None and network.mesh != "none":
         for proto, p in ports:
@@ -175,8 +181,13 @@ def ensure_nsg(provider: AzureProvider, pool: Any, where: Where) -> None:
     current = get_nsg(provider, where)
     wanted = base_rules(provider, cluster_prefixes(provider, pool, where))
     names = {r["name"] for r in wanted}
-    kept = [r for r in ((current or {}).get("properties") or {}).get("securityRules") or [] if r["name"] not in names]
-    if current is not None and sorted(map(rule_key, wanted)) == sorted(
+    # Others' rules are kept; dcx's own that are no longer wanted (another engine's ports) go, but the
+    # mesh rule, which allow_mesh_peers owns.
+    kept = [r for r in ((current or {}).get("properties") or {}).get("securityRules") or []
+            if r["name"] not in names and (not r["name"].startswith("dcx-") or r["name"] == MESH_RULE)]
+    stale = [r for r in ((current or {}).get("properties") or {}).get("securityRules") or []
+             if r["name"].startswith("dcx-") and r["name"] not in names and r["name"] != MESH_RULE]
+    if current is not None and not stale and sorted(map(rule_key, wanted)) == sorted(
             rule_key(r) for r in current["properties"].get("securityRules") or [] if r["name"] in names):
         provider._nsgs[key] = current
         return

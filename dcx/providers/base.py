@@ -59,6 +59,19 @@ class Node:
 
 
 @dataclass
+class FoundCluster:
+    """A cluster a provider sees in the account by its tags/labels (sweep safety: destroy without
+    state lists these when several clusters share a name, so one is chosen by id)."""
+
+    id: str
+    name: str
+    provider: str
+    where: str  # region / project / resource group / host: where the provider found it
+    created: str = ""  # ISO time the provider recorded at creation, "" when unknown
+    created_by: str = ""  # the caller identity the cloud reported at creation, "" when unknown
+
+
+@dataclass
 class NodeRequest:
     """One machine the plan wants: its name is final and stable (cluster-pool-index)."""
 
@@ -121,6 +134,11 @@ class Provider(ABC):
     @abstractmethod
     def sweep(self, pools: list[Any]) -> list[str]:
         """Delete every remaining resource carrying the cluster's identity; return what was deleted."""
+
+    def find_clusters(self, pools: list[Any]) -> list[FoundCluster]:
+        """Clusters named ctx.cluster_name that this provider can see (by tags/labels/registry), one
+        entry per cluster id and place. Used by destroy when the local state is gone. Default: none."""
+        return []
 
     # True for providers of machines dcx did not make (ssh): destroy resets them instead of deleting.
     resets_machines: ClassVar[bool] = False

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dcx.errors import InputError, ProviderError
-from dcx.providers.base import Node, NodeRequest, Provider, peer_cidrs
+from dcx.providers.base import FoundCluster, Node, NodeRequest, Provider, peer_cidrs
 
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 ZONE_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
@@ -39,13 +39,24 @@ LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
 IMAGE_RE = re.compile(r"^(https://www\.googleapis\.com/compute/v1/)?projects/[a-z][-a-z0-9.:]*/global/images/"
                       r"(family/)?[a-z]([-a-z0-9]*[a-z0-9])?$")
 UBUNTU_FAMILY = "projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-{arch}"
-ARM_SERIES = ("t2a-", "c4a-")
+ARM_SERIES = ("t2a-", "c4a-", "n4a-")
+# Cloud images' sshd listens on 22 and dcx does not move it (spec.ssh.port is the default port of ssh
+# pools' hosts): the firewall opens the port dcx connects to.
+SSH_PORT = 22
+# Boot disk types by machine series (Compute Engine docs, "Machine series comparison" and "Choose a
+# disk type"): the 4th-generation series take Hyperdisk only (Hyperdisk Balanced is the one that can
+# boot); C3, C3D and H3 take no Standard Persistent Disk. The API's default, pd-standard, fails on all
+# of them, so dcx always names a type: pd-balanced where Persistent Disk works, else hyperdisk-balanced.
+HYPERDISK_ONLY = ("c4", "c4a", "c4d", "n4", "n4a", "n4d", "h4d", "x4", "m4", "a4", "a4x")
+NO_PD_STANDARD = ("c3", "c3d", "h3")
+BOOT_DISK_TYPES = ("pd-balanced", "pd-ssd", "pd-standard", "pd-extreme", "hyperdisk-balanced")
 BATCH = 500  # instances per bulkInsert call (the API takes up to 1000)
 PAGE = 500  # maxResults of list calls (the API's maximum)
 PARALLEL_DELETES = 16
 ADDRESS_TIMEOUT = 300.0  # seconds for starting instances to get their addresses
 ADDRESS_POLL = 3.0
-RESERVED_LABELS = ("dcx-cluster", "dcx-cluster-id", "dcx-pool")
+RESERVED_LABELS = ("dcx-cluster", "dcx-cluster-id", "dcx-pool", "dcx-created", "dcx-created-by")
+LABEL_UNSAFE = re.compile(r"[^a-z0-9_-]")
 STOPPED = ("TERMINATED", "STOPPED")  # what a preempted (or user-stopped) instance shows
 DESCRIPTION_RE = re.compile(r"^dcx-cluster=(\S+) dcx-cluster-id=([^\s:]*):")
 
@@ -68,6 +79,7 @@ class GcpSettings(BaseModel):
     subnetCIDR: str = "10.128.0.0/20"  # the range of the subnetwork dcx makes (when it makes the network)
     preemptible: bool = False
     diskGiB: int = Field(default=20, ge=10, le=65536)
+    diskType: str = ""  # the boot disk's type; default: per machine series (see boot_disk_type)
     labels: dict[str, str] = Field(default_factory=dict)
     sshAddress: Literal["public", "private"] = "public"
     externalIP: bool = True  # an ephemeral public address (internet access without Cloud NAT, the mesh)
@@ -114,8 +126,19 @@ class GcpSettings(BaseModel):
             if key in RESERVED_LABELS:
                 raise ValueError(f"label '{key}' is set by dcx")
         if len(labels) > 64 - len(RESERVED_LABELS):
-            raise ValueError("at most 61 labels")
+            raise ValueError(f"at most {64 - len(RESERVED_LABELS)} labels")
         return labels
+
+    @field_validator("diskType")
+    @classmethod
+    def _disk_type(cls, value: str) -> str:
+        if value and value not in BOOT_DISK_TYPES:
+            raise ValueError(f"must be a disk type that can boot: {', '.join(BOOT_DISK_TYPES)}")
+        return value
+
+    @property
+    def boot_disk_type(self) -> str:
+        return self.diskType or boot_disk_type(self.machineType)
 
     @model_validator(mode="after")
     def _subnetwork_needs_network(self) -> GcpSettings:
@@ -123,7 +146,34 @@ class GcpSettings(BaseModel):
             raise ValueError("subnetwork needs network (the VPC network it belongs to)")
         if self.sshAddress == "public" and not self.externalIP:
             raise ValueError("sshAddress: public needs externalIP: true")
+        allowed = disk_types_of(self.machineType)
+        if self.diskType and self.diskType not in allowed:
+            raise ValueError(f"diskType {self.diskType} cannot be used with machineType {self.machineType}: "
+                             f"its series takes {', '.join(allowed)}")
         return self
+
+
+def label_safe(text: str) -> str:
+    """A label value (lowercase letters, digits, '_', '-'; at most 63) that says the same as `text`."""
+    return LABEL_UNSAFE.sub("_", text.lower())[:63]
+
+
+def series_of(machine_type: str) -> str:
+    return machine_type.split("-", 1)[0]
+
+
+def disk_types_of(machine_type: str) -> tuple[str, ...]:
+    """The boot disk types a machine type's series accepts (BOOT_DISK_TYPES, narrowed per series)."""
+    series = series_of(machine_type)
+    if series in HYPERDISK_ONLY:
+        return ("hyperdisk-balanced",)
+    if series in NO_PD_STANDARD:
+        return tuple(t for t in BOOT_DISK_TYPES if t not in ("pd-standard", "pd-extreme"))
+    return BOOT_DISK_TYPES
+
+
+def boot_disk_type(machine_type: str) -> str:
+    return "hyperdisk-balanced" if series_of(machine_type) in HYPERDISK_ONLY else "pd-balanced"
 
 
 @dataclass
@@ -176,6 +226,54 @@ class GcpProvider(Provider):
         if self.ctx.cluster_id:
             return m.group(2) == self.ctx.cluster_id
         return m.group(1) == self.ctx.cluster_name
+
+    def creation_labels(self) -> dict[str, str]:
+        """When and by whom (the credentials' service account) the cluster was made, label-safe
+        (lowercase letters, digits, '_' and '-', at most 63): `dcx-created` 20261201t023306z,
+        `dcx-created-by` dcx_my-project_iam_gserviceaccount_com. What the state recorded first is
+        kept, so every run labels alike."""
+        key = "gcp/created"
+        recorded = self.ctx.recorded(key)
+        if not recorded:
+            import datetime
+
+            when = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dt%H%M%Sz")
+            recorded = {"dcx-created": when, "dcx-created-by": label_safe(self.api.identity())}
+            self.ctx.record(key, recorded)
+        return {k: v for k, v in dict(recorded).items() if v}
+
+    def find_clusters(self, pools: list[Any]) -> list[FoundCluster]:
+        """Clusters of this name in the pools' projects: instances by labels (with when and by whom),
+        and networks/firewalls by description (a cluster whose instances are gone)."""
+        from google.cloud import compute_v1
+
+        found: dict[tuple[str, str], FoundCluster] = {}
+        for project in sorted({self.project_of(pool) for pool in pools}):
+            client = self.api.client("InstancesClient")
+            wanted = f'(labels.dcx-cluster = "{self.ctx.cluster_name}")'
+            with self.api.errors("list instances"):
+                for _, scoped in client.aggregated_list(request=compute_v1.AggregatedListInstancesRequest(
+                        project=project, filter=wanted, max_results=PAGE), retry=self.api.retry):
+                    for inst in scoped.instances:
+                        labels = dict(inst.labels)
+                        cid = labels.get("dcx-cluster-id", "")
+                        if cid and (project, cid) not in found:
+                            found[(project, cid)] = FoundCluster(
+                                id=cid, name=self.ctx.cluster_name, provider=self.name, where=f"project {project}",
+                                created=labels.get("dcx-created", ""), created_by=labels.get("dcx-created-by", ""))
+            for kind in ("FirewallsClient", "NetworksClient"):
+                lister = self.api.client(kind)
+                request = (compute_v1.ListFirewallsRequest if kind == "FirewallsClient" else
+                           compute_v1.ListNetworksRequest)(project=project, filter='name eq "dcx-.*"', max_results=PAGE)
+                with self.api.errors(f"list {'firewall rules' if kind == 'FirewallsClient' else 'networks'}"):
+                    for item in lister.list(request=request, retry=self.api.retry):
+                        m = DESCRIPTION_RE.match(item.description or "")
+                        cid = m.group(2) if m and m.group(1) == self.ctx.cluster_name else ""
+                        if cid and (project, cid) not in found:
+                            found[(project, cid)] = FoundCluster(
+                                id=cid, name=self.ctx.cluster_name, provider=self.name,
+                                where=f"project {project}", created=item.creation_timestamp or "")
+        return sorted(found.values(), key=lambda c: (c.id, c.where))
 
     def label_filter(self, pool: str | None = None) -> str:
         # With the id unknown (state lost) the cluster's name is all there is to match.
@@ -328,19 +426,28 @@ class GcpProvider(Provider):
                              hint="set spec.network.sshCIDR to the address(es) dcx connects from, e.g. 203.0.113.7/32")
         return sorted(str(ipaddress.ip_network(c, strict=False)) for c in cidrs)
 
+    def api_sources(self) -> list[str]:
+        """Where kubectl reaches a k3s cluster's API from: spec.network.apiCIDR, else sshCIDR."""
+        network = self.ctx.network
+        cidrs = [c.strip() for c in (getattr(network, "apiCIDR", "") or "").split(",") if c.strip()]
+        return sorted(str(ipaddress.ip_network(c, strict=False)) for c in cidrs) if cidrs else self.ssh_sources()
+
     def wanted_firewalls(self, where: Where) -> dict[str, dict[str, Any]]:
         """The SSH and engine rules of a network, by name: {allowed, sourceRanges|sourceTags}."""
         network = self.ctx.network
         ssh_cidrs = self.ssh_sources()
         spec = self.ctx.spec
-        ssh_port = str(spec.spec.ssh.port) if spec is not None else "22"
         engine = spec.spec.engine.type if spec is not None else "swarm"
         internal = [dict(r) for r in ENGINE_PORTS.get(engine, ENGINE_PORTS["swarm"])] + [{"IPProtocol": "icmp"}]
         if network is not None and network.mesh != "none":
             internal.append({"IPProtocol": "udp", "ports": [str(network.meshPort)]})
         prefix = self.rule_prefix(where)
-        return {
-            f"{prefix}-ssh": {"allowed": [{"IPProtocol": "tcp", "ports": [ssh_port]}],
+        api = {f"{prefix}-api": {"allowed": [{"IPProtocol": "tcp", "ports": ["6443"]}],
+                                 "sourceRanges": self.api_sources(),
+                                 "what": "the k3s API from spec.network.apiCIDR (kubectl)"}} if engine == "k3s" else {}
+        return {**api,
+            # The port dcx connects to (Node.ssh_port): the image's sshd, which dcx does not move.
+            f"{prefix}-ssh": {"allowed": [{"IPProtocol": "tcp", "ports": [str(SSH_PORT)]}],
                               "sourceRanges": ssh_cidrs,
                               "what": "SSH from spec.network.sshCIDR"},
             f"{prefix}-internal": {"allowed": internal, "sourceTags": [self.tag],
@@ -442,7 +549,7 @@ class GcpProvider(Provider):
         arch = "arm64" if s.machineType.startswith(ARM_SERIES) else "amd64"
         image = s.image or UBUNTU_FAMILY.format(arch=arch)
         labels = {**s.labels, "dcx-cluster": self.ctx.cluster_name, "dcx-cluster-id": self.ctx.cluster_id,
-                  "dcx-pool": pool.name}
+                  "dcx-pool": pool.name, **self.creation_labels()}
         nic = compute_v1.NetworkInterface(network=where.network_link)
         if where.subnetwork:
             nic.subnetwork = where.subnetwork
@@ -456,7 +563,10 @@ class GcpProvider(Provider):
             disks=[compute_v1.AttachedDisk(
                 boot=True, auto_delete=True, type_="PERSISTENT",
                 initialize_params=compute_v1.AttachedDiskInitializeParams(
-                    source_image=image, disk_size_gb=s.diskGiB, labels=labels))],
+                    source_image=image, disk_size_gb=s.diskGiB, labels=labels,
+                    # A type name, as instance properties take it (not a URL); never the API's
+                    # default pd-standard, which newer series refuse.
+                    disk_type=s.boot_disk_type))],
             network_interfaces=[nic],
             metadata=compute_v1.Metadata(items=[
                 compute_v1.Items(key="ssh-keys", value=f"{self.ctx.ssh_user}:{self.ctx.ssh_public_key}"),
@@ -476,7 +586,7 @@ class GcpProvider(Provider):
     def create_nodes(self, pool: Any, requests: list[NodeRequest]) -> list[Node]:
         from google.cloud import compute_v1
 
-        from dcx.providers.gcp_api import derived_request_id
+        from dcx.providers.gcp_api import GcpOperationError
 
         self.ssh_sources()  # bad input fails before anything is made
         self.check_subnet_plan()
@@ -488,14 +598,9 @@ class GcpProvider(Provider):
         if missing:
             props = self.instance_properties(pool, where)
             client = self.api.client("InstancesClient")
-            attempt = int(self.ctx.recorded(f"gcp/attempt/{pool.name}") or 0)
             for number, start in enumerate(range(0, len(missing), BATCH)):
                 names = missing[start:start + BATCH]
-                # Stable per cluster, pool and batch: a retried call is the same request. A failed
-                # batch bumps the attempt, since the API would replay a failed request id's result.
-                rid = derived_request_id(self.ctx.cluster_id, pool.name, str(number), str(attempt), ",".join(names))
-                self.ctx.record(f"gcp/batch/{pool.name}/{number}",
-                                {"project": where.project, "zone": where.zone, "names": names, "requestId": rid})
+                rid = self._request_id(pool, number, names, where)
                 what = f"create {len(names)} instance(s) in pool {pool.name} ({where.zone})"
                 self.ctx.log.info("gcp: %s, request id %s", what, rid)
                 with self.api.errors(what):
@@ -506,12 +611,35 @@ class GcpProvider(Provider):
                             per_instance_properties={
                                 n: compute_v1.BulkInsertInstanceResourcePerInstanceProperties(name=n) for n in names})),
                         retry=self.api.retry)
+                key = f"gcp/batch/{pool.name}/{number}"
                 try:
                     self.api.wait(where.project, op, what)
-                except ProviderError:
-                    self.ctx.record(f"gcp/attempt/{pool.name}", attempt + 1)
+                except GcpOperationError:
+                    # The operation ended in an error: its id would replay that error, so the next
+                    # attempt is a new request. (A wait cut short keeps the id: the operation may yet
+                    # finish, and a re-run then finds it.)
+                    self.ctx.record(key, {**self.ctx.recorded(key), "done": True})
                     raise
+                self.ctx.record(key, {**self.ctx.recorded(key), "done": True})
         return self._nodes_with_addresses(pool, where, {r.name for r in requests})
+
+    def _request_id(self, pool: Any, number: int, names: list[str], where: Where) -> str:
+        """The bulkInsert's request id, journalled before the call. The API replays a request id's
+        finished operation for 60 minutes, so each attempt to create gets its own (a per-pool generation,
+        journalled): scaling 3 -> 2 -> 3, or re-making a deleted node, within the hour makes the node.
+        The same attempt keeps its id: the client's retries after a lost answer send the same request,
+        and a run killed mid-call resumes its unfinished batch (same names) with the journalled id."""
+        from dcx.providers.gcp_api import derived_request_id
+
+        key = f"gcp/batch/{pool.name}/{number}"
+        pending = self.ctx.recorded(key)
+        if pending and not pending.get("done") and pending.get("names") == names and pending.get("requestId"):
+            return str(pending["requestId"])
+        generation = int(self.ctx.recorded(f"gcp/generation/{pool.name}") or 0) + 1
+        self.ctx.record(f"gcp/generation/{pool.name}", generation)
+        rid = derived_request_id(self.ctx.cluster_id, pool.name, str(number), str(generation), ",".join(names))
+        self.ctx.record(key, {"project": where.project, "zone": where.zone, "names": names, "requestId": rid})
+        return rid
 
     def _nodes_with_addresses(self, pool: Any, where: Where, wanted: set[str]) -> list[Node]:
         """The pool's instances as nodes, once each has its SSH address. Instances made by an earlier,
@@ -538,7 +666,8 @@ class GcpProvider(Provider):
         return Node(
             name=inst.name, pool=pool.name, provider=self.name, role=pool.role,
             ssh_address=public if s.sshAddress == "public" else private, private_address=private,
-            public_address=public, ssh_user=self.ctx.ssh_user, network=f"gcp:{where.project}/{network}",
+            public_address=public, ssh_user=self.ctx.ssh_user, ssh_port=SSH_PORT,
+            network=f"gcp:{where.project}/{network}", hostname=inst.name,
             provider_ids={"instance": inst.name, "zone": where.zone, "project": where.project},
             extra={"status": inst.status})
 
@@ -643,7 +772,8 @@ class GcpProvider(Provider):
             removed += self._sweep_firewalls(project)
             removed += self._sweep_subnetworks(project)
             removed += self._sweep_networks(project)
-        for prefix in ("gcp/batch/", "gcp/attempt/", "gcp/firewall/", "gcp/subnetwork/", "gcp/network/"):
+        for prefix in ("gcp/batch/", "gcp/generation/", "gcp/attempt/", "gcp/created", "gcp/firewall/",
+                       "gcp/subnetwork/", "gcp/network/"):
             for key in self.ctx.recorded_keys(prefix):
                 self.ctx.record(key, None)
         return removed

@@ -28,6 +28,10 @@ SCOPES = ["https://www.googleapis.com/auth/compute"]
 OPERATION_TIMEOUT = 1200.0  # seconds; a bulkInsert of hundreds of VMs takes minutes
 
 
+class GcpOperationError(ProviderError):
+    """An operation that finished (DONE) with an error."""
+
+
 def new_request_id() -> str:
     return str(uuid.uuid4())
 
@@ -80,6 +84,13 @@ class Api:
         if self._credentials is None:
             self._credentials, self.credentials_project = load_credentials()
             self.retry = default_retry()
+
+    def identity(self) -> str:
+        """Who the credentials are: a service account's email, else "" (a user's ADC does not say it
+        without a call to Google's token-info endpoint)."""
+        self.ensure_credentials()
+        email = getattr(self._credentials, "service_account_email", "") or ""
+        return "" if email == "default" else str(email)
 
     def client(self, name: str) -> Any:
         """A compute_v1 client by class name (InstancesClient, FirewallsClient, ...), made once."""
@@ -139,7 +150,7 @@ class Api:
         if op.error and op.error.errors:
             first = op.error.errors[0]
             more = f" (and {len(op.error.errors) - 1} more)" if len(op.error.errors) > 1 else ""
-            raise ProviderError(f"GCP {what}: {first.code}: {first.message}{more}", hint=_op_hint(first.code))
+            raise GcpOperationError(f"GCP {what}: {first.code}: {first.message}{more}", hint=_op_hint(first.code))
         return op
 
 

@@ -16,13 +16,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dcx import netns
 from dcx.errors import PrerequisiteMissing, ProviderError
-from dcx.providers.base import Node, NodeRequest, Provider
+from dcx.providers.base import FoundCluster, Node, NodeRequest, Provider
 
 REGISTRY = Path(os.environ.get("DCX_LOCAL_REGISTRY", "/run/dcx/local"))
 DEFAULT_SUBNET_BASE = ipaddress.ip_network("10.213.0.0/16")
@@ -32,6 +32,10 @@ class LocalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     subnet: str = ""  # default: a free /24 of 10.213.0.0/16, chosen on first create, kept in state
     sshPort: int = Field(default=22, ge=1, le=65535)
+    # The nodes' sshd: OpenSSH's defaults, or a common hardening baseline (MaxSessions 1, MaxStartups
+    # 3:50:6) to rehearse on local nodes a deployment to hardened machines. A closed choice: nothing
+    # typed in the spec reaches sshd_config.
+    sshd: Literal["default", "hardened"] = "default"
 
     @field_validator("subnet")
     @classmethod
@@ -128,7 +132,8 @@ class LocalProvider(Provider):
             self.ctx.record(f"local/node/{req.name}", info)
             pid = netns.start_host(netns.HostSpec(
                 netns=ns, hostname=req.name, address=f"{address}/{subnet.prefixlen}", bridge=bridge, home=home,
-                authorized_key=self.ctx.ssh_public_key, ssh_port=settings.sshPort))
+                authorized_key=self.ctx.ssh_public_key, ssh_port=settings.sshPort,
+                sshd=netns.HARDENED_SSHD if settings.sshd == "hardened" else netns.DEFAULT_SSHD))
             info["sshd_pid"] = pid
             self._write_registry(ns, info)
             self.ctx.record(f"local/node/{req.name}", info)
@@ -144,7 +149,10 @@ class LocalProvider(Provider):
         )
 
     def repair_nodes(self, pools: list[Any], nodes: list[Node]) -> list[Node]:
-        """A node whose sshd died (or half-made by a killed run) is completed: start_host is idempotent."""
+        """A node whose sshd died (or half-made by a killed run) is completed: start_host is idempotent, and
+        starts a dead sshd again inside the node's own namespaces while any of its processes runs there
+        (its dockerd keeps its /var/lib/docker alone); a node left with processes outside them is
+        restarted from its disk, like a reboot."""
         by_pool = {p.name: p for p in pools}
         out = []
         for node in nodes:
@@ -171,6 +179,30 @@ class LocalProvider(Provider):
             ns = self.netns_name(node.name)
             netns.stop_host(ns, self.node_home(node.name))
             self._remove_registry(ns)
+
+    def find_clusters(self, pools: list[Any]) -> list[FoundCluster]:
+        """Clusters of this name with nodes in the machine-wide registry (one entry per cluster id);
+        created = the oldest registry file's time, by = the user whose dcx wrote it."""
+        import datetime
+        import pwd
+
+        found: dict[str, FoundCluster] = {}
+        for path in sorted(REGISTRY.glob("*.json")) if REGISTRY.is_dir() else []:
+            info = self._read_registry(path.stem)
+            if not info or info.get("cluster") != self.ctx.cluster_name or not info.get("cluster_id"):
+                continue
+            stat = path.stat()
+            created = datetime.datetime.fromtimestamp(stat.st_mtime, datetime.UTC).isoformat(timespec="seconds")
+            try:
+                by = pwd.getpwuid(stat.st_uid).pw_name
+            except KeyError:
+                by = str(stat.st_uid)
+            prev = found.get(info["cluster_id"])
+            if prev is None or created < prev.created:
+                found[info["cluster_id"]] = FoundCluster(id=info["cluster_id"], name=self.ctx.cluster_name,
+                                                         provider=self.name, where="local (this machine)",
+                                                         created=created, created_by=by)
+        return sorted(found.values(), key=lambda c: c.id)
 
     def sweep(self, pools: list[Any]) -> list[str]:
         """Remove every namespace host, bridge, rule and directory this cluster has, by registry and
@@ -225,7 +257,7 @@ class LocalProvider(Provider):
     def _write_registry(self, ns: str, info: dict[str, Any]) -> None:
         from dcx.state import atomic_write, ensure_private_dir
 
-        ensure_private_dir(REGISTRY)
+        ensure_private_dir(REGISTRY, REGISTRY.parent)  # /run/dcx and its registry: 0700
         atomic_write(REGISTRY / f"{ns}.json", json.dumps(info, indent=2))
 
     def _remove_registry(self, ns: str) -> None:

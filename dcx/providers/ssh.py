@@ -29,6 +29,18 @@ class InlineHost(BaseModel):
     meshEndpoint: str = ""
     labels: dict[str, str] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _grammar(self) -> InlineHost:
+        # The same rules as an inventory's hosts: names become hostnames and ssh config lines.
+        from dcx.inventory import InventoryHost, host_problem
+
+        problem = host_problem(InventoryHost(
+            name=self.name, address=self.address or self.name, user=self.user, private_key_file=self.privateKey,
+            proxy_jump=self.proxyJump, mesh_endpoint=self.meshEndpoint, labels=self.labels))
+        if problem:
+            raise ValueError(f"host {self.name!r}{': ' + problem[0] if problem[0] else ''}: {problem[1]}")
+        return self
+
 
 class SshSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -52,9 +64,15 @@ class SshProvider(Provider):
     def __init__(self, ctx: ProviderContext) -> None:
         super().__init__(ctx)
         self.become_passwords: dict[str, str] = {}
+        self._read: dict[str, list[dict[str, Any]]] = {}  # pool -> hosts: an inventory is read once per run
 
     def _hosts(self, pool: Any) -> list[dict[str, Any]]:
         """The pool's hosts as plain settings, in inventory order."""
+        if pool.name not in self._read:
+            self._read[pool.name] = self._read_hosts(pool)
+        return self._read[pool.name]
+
+    def _read_hosts(self, pool: Any) -> list[dict[str, Any]]:
         settings = SshSettings.model_validate(pool.settings)
         if settings.hosts:
             return [{"name": h.name, "address": h.address or h.name, "port": h.port, "user": h.user,

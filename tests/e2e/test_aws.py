@@ -29,6 +29,7 @@ import pytest
 from dcx.errors import ProviderError
 from dcx.providers.base import NodeRequest
 from dcx.spec import NetworkSpec, PoolSpec
+from tests.fakes.aws_strict import StrictEc2
 from tests.fakes.server import LoopbackServer
 from tests.testbed.journal import MemoryJournal
 from tests.testbed.local import Dcx, clusters_destroyed_after, skip_without_namespace_nodes, wait_for
@@ -68,23 +69,31 @@ def aws_env(url: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def moto(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A clean moto (reset per test) and this process's AWS environment pointed at it."""
+def strict(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[StrictEc2]:
+    """A clean moto (reset per test) behind a fresh strict EC2 layer (tests/fakes/aws_strict.py), and
+    this process's AWS environment pointed at the layer."""
     conn = http.client.HTTPConnection(urllib.parse.urlsplit(moto_url).netloc, timeout=30)
     conn.request("POST", "/moto-api/reset")
     assert conn.getresponse().status == 200
     conn.close()
     for key in ("AWS_PROFILE", "AWS_REGION", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_EC2"):
         monkeypatch.delenv(key, raising=False)
-    for key, value in aws_env(moto_url).items():
-        monkeypatch.setenv(key, value)
-    return moto_url
+    with StrictEc2(moto_url) as layer:
+        for key, value in aws_env(layer.url).items():
+            monkeypatch.setenv(key, value)
+        yield layer
 
 
-def ec2_client(url: str) -> Any:
+@pytest.fixture
+def moto(strict: StrictEc2) -> str:
+    """The URL dcx and the tests talk EC2 to: moto behind the strict layer."""
+    return strict.url
+
+
+def ec2_client(url: str, region: str = REGION) -> Any:
     import boto3
 
-    return boto3.client("ec2", region_name=REGION, endpoint_url=url, aws_access_key_id="testing",
+    return boto3.client("ec2", region_name=region, endpoint_url=url, aws_access_key_id="testing",
                         aws_secret_access_key="testing")
 
 
@@ -134,10 +143,10 @@ def count_calls(provider: Any, region: str = REGION) -> dict[str, int]:
 
 
 def instances(ec2: Any, cluster: str, states: tuple[str, ...] = ("pending", "running", "stopping", "stopped"),
-              ) -> list[dict[str, Any]]:
+              key: str = "dcx:cluster") -> list[dict[str, Any]]:
     out = []
     for page in ec2.get_paginator("describe_instances").paginate(Filters=[
-            {"Name": "tag:dcx:cluster", "Values": [cluster]}, {"Name": "instance-state-name", "Values": list(states)}]):
+            {"Name": f"tag:{key}", "Values": [cluster]}, {"Name": "instance-state-name", "Values": list(states)}]):
         for r in page["Reservations"]:
             out += r["Instances"]
     return out
@@ -147,15 +156,15 @@ def tags(resource: dict[str, Any]) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in resource.get("Tags") or []}
 
 
-def tagged_leftovers(url: str, cluster: str) -> list[str]:
+def tagged_leftovers(url: str, cluster: str, key: str = "dcx:cluster", region: str = REGION) -> list[str]:
     """Every resource of any type that still carries the cluster's tag (EC2 describes per type, and
-    the tagging API across types), terminated instances aside."""
+    the tagging API across types), terminated instances aside. `key` dcx:cluster-id: by the id."""
     import boto3
 
-    ec2 = ec2_client(url)
-    f = [{"Name": "tag:dcx:cluster", "Values": [cluster]}]
+    ec2 = ec2_client(url, region)
+    f = [{"Name": f"tag:{key}", "Values": [cluster]}]
     out = [f"instance {i['InstanceId']}" for i in instances(ec2, cluster, ("pending", "running", "stopping",
-                                                                          "stopped", "shutting-down"))]
+                                                                          "stopped", "shutting-down"), key)]
     for op, key, ident in (("describe_volumes", "Volumes", "VolumeId"),
                            ("describe_network_interfaces", "NetworkInterfaces", "NetworkInterfaceId"),
                            ("describe_security_groups", "SecurityGroups", "GroupId"),
@@ -165,10 +174,10 @@ def tagged_leftovers(url: str, cluster: str) -> list[str]:
                            ("describe_route_tables", "RouteTables", "RouteTableId"),
                            ("describe_spot_instance_requests", "SpotInstanceRequests", "SpotInstanceRequestId")):
         out += [f"{key} {r[ident]}" for r in getattr(ec2, op)(Filters=f)[key]]
-    tagging = boto3.client("resourcegroupstaggingapi", region_name=REGION, endpoint_url=url,
+    tagging = boto3.client("resourcegroupstaggingapi", region_name=region, endpoint_url=url,
                            aws_access_key_id="testing", aws_secret_access_key="testing")
-    terminated = {i["InstanceId"] for i in instances(ec2, cluster, ("terminated",))}
-    for r in tagging.get_resources(TagFilters=[{"Key": "dcx:cluster", "Values": [cluster]}])["ResourceTagMappingList"]:
+    terminated = {i["InstanceId"] for i in instances(ec2, cluster, ("terminated",), key)}
+    for r in tagging.get_resources(TagFilters=[{"Key": key, "Values": [cluster]}])["ResourceTagMappingList"]:
         arn = r["ResourceARN"]
         if arn.rsplit("/", 1)[-1] not in terminated:
             out.append(f"arn {arn}")
@@ -246,7 +255,7 @@ def fault_proxy(moto: str, decide: Callable[[str, dict[str, str]], tuple[int, st
 # --- provider tests against moto ----------------------------------------------------------------------
 
 
-def test_create_tags_user_data_and_default_image(moto: str, tmp_path: Path) -> None:
+def test_create_tags_user_data_and_default_image(moto: str, strict: StrictEc2, tmp_path: Path) -> None:
     c = Ctx(tmp_path)
     p = c.provider()
     workers = pool()
@@ -257,7 +266,9 @@ def test_create_tags_user_data_and_default_image(moto: str, tmp_path: Path) -> N
     nodes = p.create_nodes(workers, requests_for("awst", workers, range(1, 4)))
 
     assert [n.name for n in nodes] == ["awst-workers-1", "awst-workers-2", "awst-workers-3"]
-    assert calls["RunInstances"] == 1 and launches[0]["MinCount"] == launches[0]["MaxCount"] == 3
+    # One launch (a launch refused as NotFound right after the key/group were made is tried again).
+    retried = sum(r.startswith("RunInstances:") for r in strict.refused)
+    assert calls["RunInstances"] == 1 + retried and launches[0]["MinCount"] == launches[0]["MaxCount"] == 3
     ec2 = ec2_client(moto)
     found = instances(ec2, "awst")
     assert sorted(i["InstanceId"] for i in found) == sorted(n.provider_ids["instance"] for n in nodes)
@@ -438,7 +449,8 @@ def test_capacity_error_moves_to_another_zone(moto: str, tmp_path: Path, monkeyp
     assert "us-east-1a: InsufficientInstanceCapacity" in err.value.message and err.value.hint
 
 
-def test_throttling_is_retried(moto: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_throttling_is_retried(moto: str, strict: StrictEc2, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              ) -> None:
     """RequestLimitExceeded (HTTP 503) on every 10th call and on the first launch: botocore's adaptive
     retry mode rides it out, and no launch is doubled."""
     seen = {"n": 0, "launch": 0}
@@ -461,7 +473,8 @@ def test_throttling_is_retried(moto: str, tmp_path: Path, monkeypatch: pytest.Mo
         removed = p.sweep([workers])
     assert len(nodes) == 10 and len({n.provider_ids["instance"] for n in nodes}) == 10
     assert "RunInstances:RequestLimitExceeded" in proxy.injected and len(proxy.injected) >= 3
-    assert proxy.forwarded.count("RunInstances") == 1
+    # One launch reached EC2 (besides launches refused as NotFound right after the key/group were made).
+    assert proxy.forwarded.count("RunInstances") == 1 + sum(r.startswith("RunInstances:") for r in strict.refused)
     assert "aws vpc" in " ".join(removed) and tagged_leftovers(moto, "awst") == []
 
 
@@ -667,3 +680,240 @@ def test_import_does_not_load_boto3() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert json.loads(r.stdout.replace("'", '"')) == []
+
+
+# --- the strict layer, and the defects it catches ------------------------------------------------------
+
+
+def client_error(call: Callable[[], Any]) -> str:
+    """The EC2 error code a call answers ('' when it succeeds)."""
+    try:
+        call()
+    except Exception as exc:
+        return str(getattr(exc, "response", {}).get("Error", {}).get("Code", repr(exc)))
+    return ""
+
+
+def test_strict_layer_enforces_the_reference(moto: str) -> None:
+    """Each rule of tests/fakes/aws_strict.py, briefly: refused when broken, accepted at its limit."""
+    ec2 = ec2_client(moto)
+    vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    # Eventual consistency: the first call naming the new VPC does not know it, the next does.
+    assert client_error(lambda: ec2.describe_vpcs(VpcIds=[vpc])) == "InvalidVpcID.NotFound"
+    assert client_error(lambda: ec2.describe_vpcs(VpcIds=[vpc])) == ""
+    assert client_error(lambda: ec2.create_security_group(GroupName="g'", Description="d", VpcId=vpc)) \
+        == "InvalidParameterValue"
+    assert client_error(lambda: ec2.create_security_group(GroupName="g", Description="x" * 256, VpcId=vpc)) \
+        == "InvalidParameterValue"
+    sg = ec2.create_security_group(GroupName="g", Description="ok ._-:/()#,@[]+=&;{}!$*" + "x" * 231,
+                                   VpcId=vpc)["GroupId"]
+    assert client_error(lambda: ec2.describe_security_groups(GroupIds=[sg])) == "InvalidGroup.NotFound"
+
+    def rule(cidrs: list[str], desc: str = "fine") -> str:
+        return client_error(lambda: ec2.authorize_security_group_ingress(GroupId=sg, IpPermissions=[
+            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+             "IpRanges": [{"CidrIp": c, "Description": desc} for c in cidrs]}]))
+
+    assert rule(["192.0.2.1/32"], "the cluster's nodes") == "InvalidParameterValue"
+    assert rule([f"10.1.0.{i}/32" for i in range(60)]) == ""  # 60 inbound IPv4 rules: the quota
+    assert rule(["10.1.1.1/32"]) == "RulesPerSecurityGroupLimitExceeded"
+    tag = {"ResourceType": "vpc", "Tags": [{"Key": "aws:x", "Value": "v"}]}
+    assert client_error(lambda: ec2.create_vpc(CidrBlock="10.8.0.0/16", TagSpecifications=[tag])) \
+        == "InvalidParameterValue"
+    tag["Tags"] = [{"Key": "k" * 128, "Value": "v" * 257}]
+    assert client_error(lambda: ec2.create_vpc(CidrBlock="10.8.0.0/16", TagSpecifications=[tag])) \
+        == "InvalidParameterValue"
+    # A referenced prefix list weighs its MaxEntries against the quota (a fresh group: 59 + 2 > 60).
+    sg2 = ec2.create_security_group(GroupName="g2", Description="d", VpcId=vpc)["GroupId"]
+    pl = ec2.create_managed_prefix_list(PrefixListName="p", MaxEntries=2, AddressFamily="IPv4")["PrefixList"]
+    client_error(lambda: ec2.describe_security_groups(GroupIds=[sg2]))  # their eventual-consistency misses
+    client_error(lambda: ec2.describe_managed_prefix_lists(PrefixListIds=[pl["PrefixListId"]]))
+    ec2.authorize_security_group_ingress(GroupId=sg2, IpPermissions=[{"IpProtocol": "udp", "FromPort": 1, "ToPort": 1,
+                                         "IpRanges": [{"CidrIp": f"10.2.0.{i}/32"} for i in range(59)]}])
+    assert client_error(lambda: ec2.authorize_security_group_ingress(GroupId=sg2, IpPermissions=[
+        {"IpProtocol": "udp", "FromPort": 2, "ToPort": 2, "PrefixListIds": [{"PrefixListId": pl["PrefixListId"]}]}])) \
+        == "RulesPerSecurityGroupLimitExceeded"
+    # ClientToken: a repeat replays the first reservation, even after termination; changed -> mismatch.
+    image = ec2.describe_images(Owners=[CANONICAL])["Images"][0]["ImageId"]
+    first = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, ClientToken="t-1")["Instances"][0]["InstanceId"]
+    ec2.terminate_instances(InstanceIds=[first])
+    assert ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, ClientToken="t-1")["Instances"][0]["InstanceId"] \
+        == first
+    assert client_error(lambda: ec2.run_instances(ImageId=image, MinCount=2, MaxCount=2, ClientToken="t-1")) \
+        == "IdempotentParameterMismatch"
+    assert client_error(lambda: ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, ClientToken="t" * 65)) \
+        == "InvalidParameterValue"
+
+
+def test_vpc_found_on_rerun_gets_its_unfinished_steps(moto: str, moto_url: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that fails right after making the VPC: the next run finds the VPC and still enables its
+    DNS hostnames (before: a found VPC was taken as finished)."""
+    def fail_once(action: str, form: dict[str, str]) -> tuple[int, str] | None:
+        return (400, "UnauthorizedOperation") if action == "ModifyVpcAttribute" and not proxy.injected else None
+
+    c = Ctx(tmp_path)
+    workers = pool(count=1)
+    with fault_proxy(moto, fail_once, monkeypatch) as proxy, pytest.raises(ProviderError, match="DNS hostnames"):
+        c.provider().create_nodes(workers, requests_for("awst", workers, [1]))
+    vpc = c.resources[f"aws/vpc/{REGION}"]["id"]
+    ec2 = ec2_client(moto_url)  # moto itself: the test's look-ups are not dcx's calls
+    assert not ec2.describe_vpc_attribute(VpcId=vpc, Attribute="enableDnsHostnames")["EnableDnsHostnames"]["Value"]
+    nodes = c.provider().create_nodes(workers, requests_for("awst", workers, [1]))
+    assert nodes[0].network == f"aws:{vpc}"
+    assert ec2.describe_vpc_attribute(VpcId=vpc, Attribute="enableDnsHostnames")["EnableDnsHostnames"]["Value"]
+    # Finished and journaled: a third run asks nothing more of the VPC.
+    p = c.provider()
+    calls = count_calls(p)
+    p.create_nodes(workers, requests_for("awst", workers, [1]))
+    assert "DescribeVpcAttribute" not in calls and "ModifyVpcAttribute" not in calls
+
+
+def test_nodes_made_again_get_new_instances(moto: str, tmp_path: Path) -> None:
+    """Scale 2 -> 1 -> 2 -> 1 -> 2, then 0 -> 2: every node made again is a new instance (EC2 keeps a
+    ClientToken after its instances are terminated and would answer with the old reservation)."""
+    c = Ctx(tmp_path)
+    workers = pool(count=2)
+    p = c.provider()
+    nodes = p.create_nodes(workers, requests_for("awst", workers, [1, 2]))
+    seen = {n.provider_ids["instance"] for n in nodes}
+    for _ in range(2):
+        p.delete_nodes([workers], [nodes[1]])
+        nodes = c.provider().create_nodes(workers, requests_for("awst", workers, [1, 2]))
+        assert nodes[1].provider_ids["instance"] not in seen and nodes[1].extra["state"] == "running"
+        seen.add(nodes[1].provider_ids["instance"])
+    p.delete_nodes([workers], nodes)
+    nodes = c.provider().create_nodes(workers, requests_for("awst", workers, [1, 2]))
+    assert not {n.provider_ids["instance"] for n in nodes} & seen
+    assert len(instances(ec2_client(moto), "awst")) == 2
+
+
+def test_sweep_rides_out_pending_instances_and_gateway_dependencies(moto: str, strict: StrictEc2,
+                                                                    tmp_path: Path) -> None:
+    """An instance a killed run launched (still shown pending right after its termination) and a
+    gateway EC2 will not detach while the VPC's instances release their addresses: the sweep waits
+    for both, and leaves nothing."""
+    c = Ctx(tmp_path)
+    workers = pool(count=1)
+    p = c.provider()
+    p.create_nodes(workers, requests_for("awst", workers, [1]))
+    ec2 = ec2_client(moto)
+    image = p.image_of(REGION, p.settings(workers))[0]
+    subnet = c.resources[f"aws/subnet/{REGION}/us-east-1a"]["id"]
+    ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, SubnetId=subnet, TagSpecifications=[
+        {"ResourceType": "instance", "Tags": [{"Key": "dcx:cluster", "Value": "awst"},
+                                              {"Key": "dcx:cluster-id", "Value": "c0ffee01"}]}])
+    removed = c.provider().sweep([workers])
+    assert sum(r.startswith("aws instance ") for r in removed) == 2
+    assert "DetachInternetGateway:DependencyViolation" in strict.refused
+    assert tagged_leftovers(moto, "awst") == []
+
+
+def test_k3s_api_port_opened_to_api_cidr(moto: str, tmp_path: Path) -> None:
+    """engine k3s: 6443 from spec.network.apiCIDR (default sshCIDR), for the kubeconfig dcx writes."""
+    from dcx import spec as spec_mod
+
+    path = tmp_path / "k.yaml"
+    path.write_text(cluster_spec("awsk", 1, 0).replace("type: swarm", "type: k3s"))
+    c = Ctx(tmp_path, name="awsk")
+    c.ctx.spec = spec_mod.load(path)
+    c.ctx.network = c.ctx.spec.spec.network
+    control = pool("control", 1, "control")
+    c.provider().create_nodes(control, requests_for("awsk", control, [1]))
+    ec2 = ec2_client(moto)
+
+    def api_sources() -> list[str]:
+        (sg,) = ec2.describe_security_groups(
+            Filters=[{"Name": "tag:dcx:cluster", "Values": ["awsk"]}])["SecurityGroups"]
+        return sorted(r["CidrIp"] for p in sg["IpPermissions"] if p.get("FromPort") == 6443 for r in p["IpRanges"])
+
+    assert api_sources() == [VPC_CIDR]
+    path.write_text(path.read_text().replace(f"sshCIDR: {VPC_CIDR}", f"sshCIDR: {VPC_CIDR}, apiCIDR: 198.51.100.0/24"))
+    c2 = Ctx(tmp_path, name="awsk")
+    c2.ctx.spec = spec_mod.load(path)
+    c2.ctx.network = c2.ctx.spec.spec.network
+    c2.provider().create_nodes(control, requests_for("awsk", control, [1]))
+    assert api_sources() == ["198.51.100.0/24"]
+
+
+def two_region_spec(name: str, east: int) -> str:
+    def aws(region: str, subnet: str) -> str:
+        return (f"{{region: {region}, vpcCIDR: {VPC_CIDR}, subnetCIDR: {subnet}, sshAddress: private, "
+                "publicIP: true, instanceType: t3.micro}")
+
+    return "\n".join([
+        "apiVersion: dcx/v1", "kind: Cluster", f"metadata: {{name: {name}}}", "spec:", "  engine: {type: swarm}",
+        "  ssh: {user: ubuntu}", f"  network: {{sshCIDR: {VPC_CIDR}}}", "  pools:",
+        f"    - {{name: control, role: control, count: 1, provider: aws, aws: {aws('us-west-2', SUBNET_CIDR)}}}",
+        f"    - {{name: east, role: worker, count: {east}, provider: aws, aws: {aws(REGION, SUBNET_CIDR)}}}"]) + "\n"
+
+
+def test_cli_two_regions_beyond_the_rule_quota(aws_cli: tuple[Dcx, list[str]], moto: str, strict: StrictEc2,
+                                               tmp_path: Path) -> None:
+    """72 nodes in us-east-1 and one in us-west-2: each group's mesh peers outgrow its 60-rule quota,
+    so the mesh port (only it) opens to all; SSH stays on sshCIDR; nothing else is open to 0.0.0.0/0."""
+    cli, clusters = aws_cli
+    clusters.append("aws2r")
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(two_region_spec("aws2r", 72))
+    cli.run("cluster", "create", "-f", str(spec), "--provision-only", check=True, timeout=600)
+    state = cli.state("aws2r")
+    assert len(state["nodes"]) == 73 and state["status"] == "provisioned"
+    assert "AuthorizeSecurityGroupIngress:RulesPerSecurityGroupLimitExceeded" in strict.refused
+    for region in (REGION, "us-west-2"):
+        (sg,) = ec2_client(moto, region).describe_security_groups(
+            Filters=[{"Name": "tag:dcx:cluster", "Values": ["aws2r"]}])["SecurityGroups"]
+        world = [(p["IpProtocol"], p.get("FromPort")) for p in sg["IpPermissions"]
+                 for r in p.get("IpRanges") or [] if r["CidrIp"] == "0.0.0.0/0"]
+        assert world == [("udp", 51820)], region
+        ssh = sorted(r["CidrIp"] for p in sg["IpPermissions"] if p.get("FromPort") == 22 for r in p["IpRanges"])
+        assert ssh == [VPC_CIDR]
+    # Fewer peers again (the east pool shrinks): the port narrows back to their /32s.
+    spec.write_text(two_region_spec("aws2r", 2))
+    cli.run("cluster", "create", "-f", str(spec), "--provision-only", check=True, timeout=600)
+    (sg,) = ec2_client(moto, "us-west-2").describe_security_groups(
+        Filters=[{"Name": "tag:dcx:cluster", "Values": ["aws2r"]}])["SecurityGroups"]
+    mesh = sorted(r["CidrIp"] for p in sg["IpPermissions"] if p.get("FromPort") == 51820 for r in p["IpRanges"])
+    assert len(mesh) == 3 and "0.0.0.0/0" not in mesh
+
+
+def test_cli_destroy_without_state_chooses_by_id(aws_cli: tuple[Dcx, list[str]], moto: str, tmp_path: Path) -> None:
+    """Two clusters of one name in one account (two homes). With one home's state gone, `destroy -f`
+    lists both and removes nothing; with --cluster-id it removes that one only."""
+    cli, clusters = aws_cli
+    clusters.append("awsdup")
+    other = Dcx(tmp_path / "home-b")
+    other.env.update(aws_env(moto))
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(cluster_spec("awsdup", 1, 0))
+    with clusters_destroyed_after(other) as others:
+        others.append("awsdup")
+        cli.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+        other.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+        mine, theirs = cli.state("awsdup")["id"], other.state("awsdup")["id"]
+        theirs_before = tagged_leftovers(moto, theirs, "dcx:cluster-id")
+        assert mine != theirs and theirs_before
+        shutil.rmtree(cli.home / "clusters" / "awsdup")
+
+        r = cli.run("cluster", "destroy", "-f", str(spec), "--yes")
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "2 clusters named 'awsdup'" in r.stderr and "--cluster-id" in r.stderr and "Traceback" not in r.stderr
+        rows = [line.split() for line in r.stdout.splitlines()[1:]]
+        assert sorted(row[0] for row in rows) == sorted([mine, theirs])
+        assert all(row[2].startswith("arn:aws:") and row[3:] == ["aws", REGION] for row in rows), r.stdout
+        assert tagged_leftovers(moto, mine, "dcx:cluster-id") and tagged_leftovers(moto, theirs, "dcx:cluster-id") \
+            == theirs_before
+        r = cli.run("cluster", "destroy", "-f", str(spec), "--yes", "-o", "json")
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 2, r.stderr  # the line and its hint
+        listed = json.loads(r.stdout)["clusters"]
+        assert sorted(c["id"] for c in listed) == sorted([mine, theirs]) and all(c["created"] for c in listed)
+
+        r = cli.run("cluster", "destroy", "-f", str(spec), "--yes", "--cluster-id", mine, check=True)
+        assert tagged_leftovers(moto, mine, "dcx:cluster-id") == []
+        assert tagged_leftovers(moto, theirs, "dcx:cluster-id") == theirs_before
+        assert len(instances(ec2_client(moto), theirs, key="dcx:cluster-id")) == 1
+        # Only theirs is left: found by its tags, destroyed by its id; then nothing of the name remains.
+        r = cli.run("cluster", "destroy", "-f", str(spec), "--yes", check=True)
+        assert tagged_leftovers(moto, "awsdup") == []
+        r = cli.run("cluster", "destroy", "-f", str(spec), "--yes", check=True)
+        assert "nothing named awsdup was found (0 resources removed)" in r.stdout

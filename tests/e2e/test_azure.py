@@ -114,7 +114,7 @@ def test_create_tags_rules_custom_data_rerun_and_destroy(arm: tuple[ArmFake, str
     assert fake.token_requests >= 1  # the real credential flow ran against the fake authority
     state = dcx.state(name)
     cid = state["id"]
-    group = f"dcx-{name}"
+    group = f"dcx-{name}-{cid}"  # the id in it: another cluster of the name gets its own group
     public_key = (dcx.home / "clusters" / name / "ssh" / "id_ed25519.pub").read_text().strip()
 
     # Every resource carries the cluster's tags; the resource group is dcx's.
@@ -129,6 +129,8 @@ def test_create_tags_rules_custom_data_rerun_and_destroy(arm: tuple[ArmFake, str
     assert inventory["networkSecurityGroups"] == [f"dcx-{name}-nsg"]
     rg = fake.get(f"/subscriptions/{SUB}/resourceGroups/{group}")
     assert rg is not None and rg["tags"]["dcx-cluster"] == name and rg["tags"]["dcx-cluster-id"] == cid
+    # Who made it: the credential's token claims (a service principal: its appid).
+    assert rg["tags"]["dcx-created-by"] == f"app:{CLIENT_ID}" and rg["tags"]["dcx-created"].endswith("Z")
     for rtype in (VM, NIC, PIP, DISK, NSG, VNET_TYPE):
         for rname, res in of(fake, rtype).items():
             assert res["tags"]["dcx-cluster"] == name and res["tags"]["dcx-cluster-id"] == cid, (rtype, rname)
@@ -136,7 +138,8 @@ def test_create_tags_rules_custom_data_rerun_and_destroy(arm: tuple[ArmFake, str
             assert res["location"] == LOCATION
     vms = of(fake, VM, name)
     assert vms[f"{name}-workers-1"]["tags"] == {"team": "infra", "dcx-cluster": name, "dcx-cluster-id": cid,
-                                                "dcx-pool": "workers"}
+                                                "dcx-pool": "workers", "dcx-created": rg["tags"]["dcx-created"],
+                                                "dcx-created-by": f"app:{CLIENT_ID}"}
 
     for vname, vm in vms.items():
         props = vm["properties"]
@@ -251,7 +254,7 @@ def test_user_resource_group_and_network_and_destroy_without_state(arm: tuple[Ar
     shared_nsg = rules(fake, f"/subscriptions/{SUB}/resourceGroups/shared-rg/providers/{NSG}/dcx-az-sweep-nsg")
     assert sources(shared_nsg["dcx-cluster-tcp"]) == ["10.214.50.0/24"]
     inventory = fake.inventory()
-    assert inventory["resourceGroups"] == ["dcx-az-sweep", "shared-rg"]
+    assert inventory["resourceGroups"] == [f"dcx-az-sweep-{state['id']}", "shared-rg"]
 
     shutil.rmtree(dcx.home / "clusters" / "az-sweep")
     fake.reset_counts()
@@ -307,7 +310,7 @@ def test_two_locations_make_two_networks_and_open_the_mesh_between_them(arm: tup
                                              pool("north", "worker", 2, location="northeurope")]))
     r = dcx.run("cluster", "create", "-f", str(spec), "--provision-only")
     assert r.returncode == 0, r.stdout + r.stderr
-    group = f"dcx-{name}"
+    group = f"dcx-{name}-{dcx.state(name)['id']}"
     assert fake.inventory()["virtualNetworks"] == [f"dcx-{name}-vnet", f"dcx-{name}-vnet-northeurope"]
     assert fake.inventory()["networkSecurityGroups"] == [f"dcx-{name}-nsg", f"dcx-{name}-nsg-northeurope"]
     nodes = dcx.state(name)["nodes"]
@@ -443,8 +446,8 @@ def test_mesh_port_only_from_other_networks_nodes(arm: tuple[ArmFake, str], tmp_
     pools = spec.spec.pools
     made = provider.create_nodes(pools[0], [NodeRequest("az-mesh-control-1", "control", "control", 1)])
     assert [n.name for n in made] == ["az-mesh-control-1"]
-    assert {"azure/group/" + f"{SUB}/dcx-az-mesh", "azure/vm/az-mesh-control-1"} <= set(resources)
-    nsg_id = f"/subscriptions/{SUB}/resourceGroups/dcx-az-mesh/providers/{NSG}/dcx-az-mesh-nsg"
+    assert {"azure/group/" + f"{SUB}/dcx-az-mesh-0a1b2c3d", "azure/vm/az-mesh-control-1"} <= set(resources)
+    nsg_id = f"/subscriptions/{SUB}/resourceGroups/dcx-az-mesh-0a1b2c3d/providers/{NSG}/dcx-az-mesh-nsg"
 
     fake.reset_counts()
     provider.allow_mesh_peers(pools, [], 51820)  # never opened: not even a call
@@ -480,7 +483,7 @@ def test_mesh_port_only_from_other_networks_nodes(arm: tuple[ArmFake, str], tmp_
     assert not any(k.startswith("azure/mesh/") for k in resources)
 
     removed = provider2.sweep(spec2.spec.pools)
-    assert removed == ["azure resource group dcx-az-mesh"]
+    assert removed == ["azure resource group dcx-az-mesh-0a1b2c3d"]
     assert fake.inventory() == {}
     assert not [k for k in resources if k.startswith("azure/")]
 
@@ -542,3 +545,154 @@ def test_boot_simulation_reaches_a_ready_swarm(arm: tuple[ArmFake, str], cli: tu
             fake.on_vm_created = None
             if (dcx.home / "clusters" / name).exists():
                 dcx.run("cluster", "destroy", name, "--yes", timeout=300)
+
+
+# --- fidelity to the ARM reference (issue 12) -----------------------------------------------------
+
+
+def azure_provider(fake: ArmFake, secret: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                   text: str) -> tuple[Any, Any, dict[str, Any]]:
+    """An AzureProvider as the engine makes it (no mocks: real SDK, real fake), with an in-memory journal."""
+    from dcx.providers.azure import AzureProvider
+    from dcx.spec import load
+
+    for var, value in azure_env(fake, secret).items():
+        monkeypatch.setenv(var, value)
+    spec = load(write(tmp_path, text))
+    journal = MemoryJournal()
+    provider = AzureProvider(journal.context(spec.name, "0a1b2c3d", tmp_path, network=spec.spec.network, spec=spec))
+    provider.check_prerequisites()
+    return provider, spec, journal.resources
+
+
+def test_scale_down_leaves_no_nic_nor_public_ip(arm: tuple[ArmFake, str], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NIC deleted right after its VM answers NicReservedForAnotherVm for 180 s (the fake keeps the
+    real 180 s here). dcx makes NIC and public IP with deleteOption Delete: they go with the VM."""
+    from dcx.providers.base import NodeRequest
+
+    fake, secret = arm
+    provider, spec, _ = azure_provider(fake, secret, tmp_path, monkeypatch,
+                                       azure_yaml("az-down", [pool("control", "control", 1), pool("w", "worker", 2)]))
+    w = spec.spec.pools[1]
+    made = provider.create_nodes(w, [NodeRequest(f"az-down-w-{i}", "w", "worker", i) for i in (1, 2)])
+    assert fake.nic_reservation == 180.0
+    provider.delete_nodes(spec.spec.pools, [n for n in made if n.name == "az-down-w-2"])
+    left = fake.inventory()
+    assert left["virtualMachines"] == ["az-down-w-1"]
+    assert left["networkInterfaces"] == ["az-down-w-1-nic"] and left["publicIPAddresses"] == ["az-down-w-1-pip"]
+    assert left["disks"] == ["az-down-w-1-osdisk"]
+
+
+def test_sweep_retries_a_nic_reserved_for_its_deleted_vm(arm: tuple[ArmFake, str], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine made before deleteOption (its NIC and public IP outlive the VM): the sweep retries the
+    NIC while it is reserved, then deletes the billed static public IP too. The reservation is
+    shortened to 2 s (the shape, 400 NicReservedForAnotherVm until it ends, is the real one)."""
+    from azure.mgmt.compute import ComputeManagementClient
+
+    fake, secret = arm
+    fake.nic_reservation = 2.0
+    text = azure_yaml("az-old", [pool("control", "control", 1, resourceGroup="mine")])
+    fake.add_resource_group(SUB, "mine", LOCATION)
+    provider, spec, _ = azure_provider(fake, secret, tmp_path, monkeypatch, text)
+    from dcx.providers.base import NodeRequest
+
+    provider.create_nodes(spec.spec.pools[0], [NodeRequest("az-old-control-1", "control", "control", 1)])
+    # Re-attach the NIC the way dcx used to (no deleteOption: Detach), with a plain SDK call.
+    cc: ComputeManagementClient = provider.api.compute(SUB)
+    vm = cc.virtual_machines.get("mine", "az-old-control-1").as_dict()
+    with fake.lock:
+        stored = fake.resources[vm["id"].lower()]
+        for ref in stored["properties"]["networkProfile"]["networkInterfaces"]:
+            ref["properties"].pop("deleteOption", None)
+    removed = provider.sweep(spec.spec.pools)
+    assert "azure network interface az-old-control-1-nic" in removed
+    assert "azure public IP az-old-control-1-pip" in removed
+    assert fake.inventory() == {"resourceGroups": ["mine"]}
+
+
+def test_resource_providers_are_registered_on_first_use(arm: tuple[ArmFake, str], cli: tuple[Dcx, list[str]],
+                                                        tmp_path: Path) -> None:
+    """A subscription that never registered Microsoft.Network answers 409 MissingSubscriptionRegistration
+    until it is registered: an identity that may not register gets one line saying what to ask the
+    admin for; one that may gets it registered (the SDK's policy does it, polling every 10 s) and the
+    cluster made."""
+    fake, _ = arm
+    dcx, clusters = cli
+    name = "az-reg"
+    clusters.append(name)
+    spec = write(tmp_path, azure_yaml(name, [pool("control", "control", 1)]))
+    fake.unregister(SUB, "Microsoft.Network")
+    fake.may_register = False
+    r = dcx.run("cluster", "create", "-f", str(spec), "--provision-only")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "az provider register --namespace Microsoft.Network" in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error")]) == 1
+    fake.may_register = True
+    r = dcx.run("cluster", "create", "-f", str(spec), "--provision-only")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert fake.registration[(SUB, "microsoft.network")] == "Registered"
+    assert list(of(fake, VM, name)) == [f"{name}-control-1"]
+
+
+def test_ssh_rule_api_rule_and_user_data_keep_to_what_dcx_uses(arm: tuple[ArmFake, str], cli: tuple[Dcx, list[str]],
+                                                               tmp_path: Path) -> None:
+    """SSH opens 22, where dcx connects (the image's sshd; spec.ssh.port is the ssh pools' default);
+    k3s opens 6443 to spec.network.apiCIDR (default sshCIDR) for kubectl; the custom data leaves the
+    hostname dcx sets alone at every boot."""
+    from tests.unit.test_cloud_init import keeps_dcx_hostname
+
+    fake, _ = arm
+    dcx, clusters = cli
+    name = "az-port"
+    clusters.append(name)
+    text = azure_yaml(name, [pool("control", "control", 1)]).replace("ssh: {user: root}",
+                                                                     "ssh: {user: root, port: 2222}")
+    dcx.run("cluster", "create", "-f", str(write(tmp_path, text)), "--provision-only", check=True)
+    node = dcx.state(name)["nodes"][f"{name}-control-1"]
+    nsg_id = f"/subscriptions/{SUB}/resourceGroups/dcx-{name}-{dcx.state(name)['id']}/providers/{NSG}/dcx-{name}-nsg"
+    now = rules(fake, nsg_id)
+    assert ports(now["dcx-ssh"]) == [str(node["ssh_port"])] == ["22"] and "dcx-api" not in now
+    assert node["hostname"] == f"{name}-control-1"
+    vm = of(fake, VM, name)[f"{name}-control-1"]
+    with fake.lock:
+        custom = fake.custom_data[vm["id"].lower()]
+    assert keeps_dcx_hostname(YAML(typ="safe").load(custom))
+
+    k3s = text.replace("engine: {type: swarm}", "engine: {type: k3s}")
+    dcx.run("cluster", "create", "-f", str(write(tmp_path, k3s)), "--provision-only", check=True)
+    api = rules(fake, nsg_id)["dcx-api"]
+    assert (api["protocol"], ports(api), sources(api), api["access"]) == ("Tcp", ["6443"], [SSH_CIDR], "Allow")
+
+
+def test_destroy_by_id_spares_another_cluster_of_the_same_name(arm: tuple[ArmFake, str], cli: tuple[Dcx, list[str]],
+                                                               tmp_path: Path) -> None:
+    """Two clusters named alike in one subscription (two colleagues, two DCX_HOMEs) get a resource group
+    each (dcx-NAME-ID). With one's state gone, `destroy -f` lists both (id, when, by whom) and asks
+    for --cluster-id; with it, only that cluster's group goes, never the colleague's."""
+    fake, _ = arm
+    dcx, clusters = cli
+    name = "az-twin"
+    clusters.append(name)
+    colleague = Dcx(tmp_path / "colleague-home")
+    colleague.env = {**dcx.env, "DCX_HOME": str(colleague.home)}
+    spec = write(tmp_path, azure_yaml(name, [pool("control", "control", 1)]))
+    try:
+        dcx.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+        colleague.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+        mine, theirs = dcx.state(name)["id"], colleague.state(name)["id"]
+        assert fake.inventory()["resourceGroups"] == sorted([f"dcx-{name}-{mine}", f"dcx-{name}-{theirs}"])
+        shutil.rmtree(dcx.home / "clusters" / name)
+
+        r = dcx.run("cluster", "destroy", "-f", str(spec), "--yes")
+        assert r.returncode == 2 and "--cluster-id" in r.stderr, r.stdout + r.stderr
+        assert mine in r.stdout + r.stderr and theirs in r.stdout + r.stderr
+        r = dcx.run("cluster", "destroy", "-f", str(spec), "--yes", "--cluster-id", mine)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert fake.inventory()["resourceGroups"] == [f"dcx-{name}-{theirs}"]
+        assert list(of(fake, VM, name)) == [f"{name}-control-1"]
+    finally:
+        if (colleague.home / "clusters" / name).exists():
+            colleague.run("cluster", "destroy", name, "--yes", timeout=300)
+    assert fake.inventory() == {}

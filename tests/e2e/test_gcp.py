@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,9 +85,13 @@ def test_create_labels_metadata_firewalls_rerun_and_destroy(gce: GceFake, cli: t
     assert sorted(made) == [f"{name}-control-1", f"{name}-workers-1", f"{name}-workers-2"]
     for iname, inst in made.items():
         pool_name = iname.split("-")[-2]
-        expected = {"dcx-cluster": name, "dcx-cluster-id": cid, "dcx-pool": pool_name}
+        expected = {"dcx-cluster": name, "dcx-cluster-id": cid, "dcx-pool": pool_name,
+                    # who made it: the credentials' service account, label-safe
+                    "dcx-created-by": f"dcx-test_{PROJECT}_iam_gserviceaccount_com"}
         if pool_name == "workers":
             expected["team"] = "infra"
+        created = inst["labels"].pop("dcx-created")
+        assert re.fullmatch(r"\d{8}t\d{6}z", created)
         assert inst["labels"] == expected
         assert inst["tags"]["items"] == [tag]
         meta = {i["key"]: i["value"] for i in inst["metadata"]["items"]}
@@ -441,3 +446,132 @@ def test_destroy_by_name_finds_a_provider_the_spec_no_longer_names(gce: GceFake,
     assert r.returncode == 0, r.stdout + r.stderr
     assert gce.all_resources() == {"instances": [], "firewalls": [], "networks": [], "subnetworks": []}
     assert not (dcx.home / "clusters" / name).exists()
+
+
+# --- fidelity to the Compute reference (issue 12) -------------------------------------------------
+
+
+def test_boot_disk_type_fits_the_machine_series(gce: GceFake, cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    """The API's default boot disk (pd-standard) is refused by C3/C4/C4A/N4 (the fake enforces the
+    series rules): dcx names a type per series, and the pool's diskType overrides it."""
+    dcx, clusters = cli
+    name = "gcp-disks"
+    clusters.append(name)
+    spec = write(tmp_path, gcp_yaml(name, [pool("control", "control", 1, machineType="c4a-standard-1"),
+                                           pool("c3", "worker", 1, machineType="c3-standard-4"),
+                                           pool("n4", "worker", 1, machineType="n4-standard-2"),
+                                           pool("e2", "worker", 1, diskType="pd-ssd")]))
+    r = dcx.run("cluster", "create", "-f", str(spec), "--provision-only")
+    assert r.returncode == 0, r.stdout + r.stderr
+    made = instances(gce, name)
+    disk = {n.split("-")[-2]: i["disks"][0]["initializeParams"]["diskType"] for n, i in made.items()}
+    assert disk == {"control": "hyperdisk-balanced", "c3": "pd-balanced", "n4": "hyperdisk-balanced", "e2": "pd-ssd"}
+    assert made[f"{name}-control-1"]["disks"][0]["initializeParams"]["sourceImage"].endswith("-arm64")
+    # A type the series refuses is bad input, located in the file, before any call.
+    bad = write(tmp_path, gcp_yaml(name, [pool("control", "control", 1, machineType="c4-standard-2",
+                                               diskType="pd-balanced")]), "bad.yaml")
+    gce.reset_counts()
+    r = dcx.run("cluster", "create", "-f", str(bad), "--provision-only")
+    assert r.returncode == 2 and "bad.yaml:" in r.stderr and "diskType pd-balanced" in r.stderr
+    assert mutations(gce) == []
+
+
+def test_scale_down_and_up_within_the_hour_makes_the_node_again(gce: GceFake, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compute keeps a requestId 60 minutes and replays its finished operation: a node made, removed
+    and wanted again within the hour (scale 3 -> 2 -> 3) must be a new request, not a replay that
+    makes nothing. The provider in-process, as the engine drives it."""
+    from dcx.providers import gcp
+    from dcx.providers.base import NodeRequest
+
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "sa.json"))
+    monkeypatch.setenv("DCX_GCP_ENDPOINT", gce.url)
+    monkeypatch.setattr(gcp, "ADDRESS_TIMEOUT", 5.0)  # a replay makes nothing: fail fast, not in 5 minutes
+    spec_path = write(tmp_path, gcp_yaml("gcp-scale", [pool("control", "control", 1), pool("w", "worker", 3)]))
+    provider, spec, resources = provider_for(spec_path, tmp_path)
+    w = spec.spec.pools[1]
+
+    def want(count: int) -> list[str]:
+        nodes = provider.create_nodes(w, [NodeRequest(f"gcp-scale-w-{i}", "w", "worker", i)
+                                          for i in range(1, count + 1)])
+        return sorted(n.name for n in nodes)
+
+    assert want(2) == ["gcp-scale-w-1", "gcp-scale-w-2"]
+    assert want(3) == ["gcp-scale-w-1", "gcp-scale-w-2", "gcp-scale-w-3"]  # a bulkInsert of [w-3]
+    third = [n for n in provider.list_nodes([w]) if n.name == "gcp-scale-w-3"]
+    provider.delete_nodes([w], third)
+    gce.advance(10 * 60)  # well within the request ids' hour
+    assert want(3) == ["gcp-scale-w-1", "gcp-scale-w-2", "gcp-scale-w-3"]
+    assert gce.count("POST", "/bulkInsert") == 3
+    # A retry of one attempt still sends the same id: the answer lost, the instance is made once.
+    provider.delete_nodes([w], [n for n in provider.list_nodes([w]) if n.name == "gcp-scale-w-3"])
+    gce.fail_next(1, 503, "/bulkInsert", after=True)
+    assert want(3) == ["gcp-scale-w-1", "gcp-scale-w-2", "gcp-scale-w-3"]
+    assert gce.count("POST", "/bulkInsert") == 5  # the lost answer and its retry
+    provider.sweep([w])
+    assert not [k for k in resources if k.startswith("gcp/")]
+
+
+def test_ssh_rule_opens_the_port_dcx_connects_to_and_user_data_keeps_the_hostname(
+        gce: GceFake, cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    """spec.ssh.port is the ssh pools' default port; cloud images' sshd listens on 22, which is where
+    dcx connects (Node.ssh_port), so the firewall opens 22. The user-data the API receives leaves the
+    hostname (set by dcx) alone at every boot."""
+    from tests.unit.test_cloud_init import keeps_dcx_hostname
+
+    dcx, clusters = cli
+    name = "gcp-port"
+    clusters.append(name)
+    text = gcp_yaml(name, [pool("control", "control", 1)]).replace("ssh: {user: root}", "ssh: {user: root, port: 2222}")
+    spec = write(tmp_path, text)
+    dcx.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+    node = dcx.state(name)["nodes"][f"{name}-control-1"]
+    tag = f"dcx-{dcx.state(name)['id']}"
+    with gce.lock:
+        rule = gce.firewalls[(PROJECT, f"{tag}-ssh")]
+    assert rule["allowed"] == [{"IPProtocol": "tcp", "ports": [str(node["ssh_port"])]}] and node["ssh_port"] == 22
+    assert node["hostname"] == f"{name}-control-1"  # bootstrap sets it; cloud-init keeps it
+    inst = instances(gce, name)[f"{name}-control-1"]
+    meta = {i["key"]: i["value"] for i in inst["metadata"]["items"]}
+    assert keeps_dcx_hostname(YAML(typ="safe").load(io.StringIO(meta["user-data"])))
+
+
+def ids_of(fake: GceFake, cluster: str) -> list[str]:
+    """The cluster ids of the instances of clusters named `cluster`, in every zone."""
+    with fake.lock:
+        return sorted(i["labels"]["dcx-cluster-id"] for i in fake.instances.values()
+                      if i["labels"].get("dcx-cluster") == cluster)
+
+
+def test_destroy_by_id_spares_another_cluster_of_the_same_name(gce: GceFake, cli: tuple[Dcx, list[str]],
+                                                               tmp_path: Path) -> None:
+    """Two clusters named alike in one project (two colleagues, two DCX_HOMEs). With one's state gone,
+    `destroy -f` lists both (id, when, by whom) and asks for --cluster-id; with it, only that one goes."""
+    dcx, clusters = cli
+    name = "twin"
+    clusters.append(name)
+    colleague = Dcx(tmp_path / "colleague-home")
+    colleague.env = {**dcx.env, "DCX_HOME": str(colleague.home)}
+    spec = write(tmp_path, gcp_yaml(name, [pool("control", "control", 1)]))
+    # Instance names are unique per zone: the colleague's cluster is in another zone of the project.
+    theirs_spec = write(tmp_path, gcp_yaml(name, [pool("control", "control", 1, zone="us-central1-b")]), "b.yaml")
+    try:
+        dcx.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+        colleague.run("cluster", "create", "-f", str(theirs_spec), "--provision-only", check=True)
+        mine, theirs = dcx.state(name)["id"], colleague.state(name)["id"]
+        assert mine != theirs and ids_of(gce, name) == sorted([mine, theirs])
+        shutil.rmtree(dcx.home / "clusters" / name)
+
+        r = dcx.run("cluster", "destroy", "-f", str(spec), "--yes")
+        assert r.returncode == 2 and "--cluster-id" in r.stderr, r.stdout + r.stderr
+        assert mine in r.stdout + r.stderr and theirs in r.stdout + r.stderr
+        r = dcx.run("cluster", "destroy", "-f", str(spec), "--yes", "--cluster-id", mine)
+        assert r.returncode == 0, r.stdout + r.stderr
+        left = gce.all_resources()
+        assert ids_of(gce, name) == [theirs]
+        assert left["networks"] == [f"dcx-{theirs}"] and left["firewalls"] == [f"dcx-{theirs}-internal",
+                                                                               f"dcx-{theirs}-ssh"]
+    finally:
+        if (colleague.home / "clusters" / name).exists():
+            colleague.run("cluster", "destroy", name, "--yes", timeout=300)
+    assert gce.all_resources() == {"instances": [], "firewalls": [], "networks": [], "subnetworks": []}

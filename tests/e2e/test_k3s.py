@@ -50,7 +50,7 @@ def spec_text(name: str, airgap: dict[str, str]) -> str:
         f"  engine: {{type: k3s, airgap: {{{fields}}}}}", "  pools:",
         f"    - {{name: control, role: control, count: 3, provider: local, local: {{subnet: {SUBNET}}}}}",
         f"    - {{name: workers, role: worker, count: 2, provider: local, local: {{subnet: {SUBNET}}},",
-        "       labels: {tier: \"back end\"}, taints: [\"dedicated=batch:NoSchedule\"]}", ""])
+        "       labels: {tier: \"back-end\"}, taints: [\"dedicated=batch:NoSchedule\"]}", ""])
 
 
 OTHER_KUBECONFIG = """apiVersion: v1
@@ -101,7 +101,7 @@ def test_ha_k3s_airgapped_on_namespace_nodes(k3s_files: dict[str, str], dcx_cli:
              for n in nodes}
     assert ready == {n["name"]: True for n in status["nodes"]}
     worker = next(n for n in nodes if n.metadata.name == f"{name}-workers-1")
-    assert worker.metadata.labels["tier"] == "back end" and worker.metadata.labels["dcx.pool"] == "workers"
+    assert worker.metadata.labels["tier"] == "back-end" and worker.metadata.labels["dcx.pool"] == "workers"
     assert any(t.key == "dedicated" and t.value == "batch" and t.effect == "NoSchedule" for t in worker.spec.taints)
     printed = cli.run("cluster", "kubeconfig", name, check=True).stdout
     assert f"name: dcx-{name}" in printed

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -101,13 +103,49 @@ def test_create_serve_rerun_and_destroy(dcx_cli: tuple[Dcx, list[str]], tmp_path
     assert subprocess.run(["docker", "context", "inspect", f"dcx-{name}"], capture_output=True).returncode != 0
 
 
-def test_ha_control_plane(dcx_cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+class ProcessSampler:
+    """Reads every process's command line (/proc/PID/cmdline, what `ps -eo args` shows to any local user)
+    and environment (/proc/PID/environ) over and over, in a thread, keeping each distinct one. The
+    local nodes share this machine's PID namespace, so this sees every process of every node."""
+
+    def __init__(self) -> None:
+        self.cmdlines: set[bytes] = set()
+        self.environs: set[bytes] = set()
+        self.rounds = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    for name, seen in (("cmdline", self.cmdlines), ("environ", self.environs)):
+                        with contextlib.suppress(OSError):
+                            seen.add(Path(f"/proc/{pid}/{name}").read_bytes())
+            if self.rounds % 5 == 0:  # and what ps itself prints, as another user would run it
+                ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, check=False).stdout
+                self.cmdlines.update(ps.splitlines())
+            self.rounds += 1
+            self._stop.wait(0.02)  # a join lasts a second or more; leave the 2 cores to the create
+
+    def __enter__(self) -> ProcessSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_ha_control_plane_joins_keep_tokens_off_every_command_line(dcx_cli: tuple[Dcx, list[str]],
+                                                                     tmp_path: Path) -> None:
     cli, clusters = dcx_cli
     name = "e2e-ha"
     clusters.append(name)
     spec = tmp_path / "cluster.yaml"
     spec.write_text(cluster_yaml(name, "10.213.202.0/24", control=3, workers=2))
-    cli.run("cluster", "create", "-f", str(spec), check=True)
+    with ProcessSampler() as sampler:
+        cli.run("cluster", "create", "-f", str(spec), check=True)
     status = cli.json("cluster", "status", name)
     assert status["healthy"] is True
     controls = [n for n in status["nodes"] if n["role"] == "control"]
@@ -115,6 +153,15 @@ def test_ha_control_plane(dcx_cli: tuple[Dcx, list[str]], tmp_path: Path) -> Non
     assert sum(n["leader"] for n in status["nodes"]) == 1
     managers = docker(name, "node", "ls", "--filter", "role=manager", "-q").split()
     assert len(managers) == 3
+    assert len(docker(name, "node", "ls", "--filter", "role=worker", "-q").split()) == 2
+
+    # Joins went through the Engine API over dial-stdio (the sampler saw them) and no token (manager
+    # or worker) was ever on a command line or in an environment.
+    tokens = [docker(name, "swarm", "join-token", "-q", role).strip().encode() for role in ("manager", "worker")]
+    assert all(t.startswith(b"SWMTKN-1-") for t in tokens)
+    assert any(b"dial-stdio" in c for c in sampler.cmdlines), f"no join seen in {sampler.rounds} samples"
+    leaks = [c for c in sampler.cmdlines | sampler.environs if any(t in c for t in tokens) or b"SWMTKN" in c]
+    assert leaks == [], f"join tokens visible to local users: {len(leaks)} process entries"
 
 
 def test_unreachable_node_fails_naming_it_and_rerun_converges(dcx_cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:

@@ -139,25 +139,43 @@ def test_sites_behind_nat_form_one_swarm_over_the_mesh(sites: Lab, tmp_path: Pat
         assert "==> Configure the WireGuard mesh (4 hosts)\n    0 changed, 4 unchanged" in again.stdout
 
         # Removing a node updates every other node's peers without restarting the tunnel.
-        before = on(cli, name, "a1", "cat /sys/class/net/dcx0/ifindex").stdout
+        # (The interface's index from its own namespace: a session there sees this machine's /sys.)
+        ifindex = "ip -o link show dev dcx0 | cut -d: -f1"
+        before = on(cli, name, "a1", ifindex).stdout
+        assert before.strip().isdigit(), before
         spec.write_text(spec_text(sites, name, "auto", ["b1"]))
         r = cli.run("cluster", "create", "-f", str(spec), timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         for node in ("a1", "a2", "b1"):
             peers = on(cli, name, node, "wg show dcx0 peers").stdout.split()
             assert len(peers) == 2, (node, peers)
-        assert on(cli, name, "a1", "cat /sys/class/net/dcx0/ifindex").stdout == before
+        assert on(cli, name, "a1", ifindex).stdout == before
         assert cli.json("cluster", "status", name)["healthy"] is True
 
-        # b1's tunnel goes down: status says so (and exits 1); a re-run brings it back.
+        # b1's tunnel goes down: status says so (and exits 1), naming the peers that do not answer; a
+        # re-run brings it back.
         on(cli, name, "b1", "wg-quick down dcx0").check_returncode()
         down = cli.run("cluster", "status", name)
         assert down.returncode == 1
-        assert re.search(r"^b1 .* 0/2 peers$", down.stdout, re.M), down.stdout
+        assert re.search(r"^b1 .* 0/2 peers, dcx0 missing, down: a1 a2$", down.stdout, re.M), down.stdout
+        assert re.search(r"^a1 .* 1/2 peers, down: b1$", down.stdout, re.M), down.stdout
         r = cli.run("cluster", "create", "-f", str(spec), timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "==> Configure the WireGuard mesh (3 hosts)\n    1 changed, 2 unchanged" in r.stdout
         assert cli.json("cluster", "status", name)["healthy"] is True
+
+        # Site B cut off (its router loses its uplink): the status asked right after shows b1 down from
+        # site A and b1 unreachable; back, the cluster is healthy again without a dcx run.
+        sites.exec("rb", "ip", "link", "set", "eth0", "down")
+        try:
+            cut = cli.json("cluster", "status", name)
+            assert cut["healthy"] is False
+            rows = {n["name"]: n for n in cut["nodes"]}
+            assert rows["a1"]["mesh"]["peers_down"] == ["b1"] and rows["a2"]["mesh"]["peers_down"] == ["b1"], rows
+            assert rows["b1"]["state"] == "unreachable", rows["b1"]
+        finally:
+            sites.exec("rb", "ip", "link", "set", "eth0", "up")
+        wait_for(lambda: cli.json("cluster", "status", name)["healthy"], 120, "healthy again after site B is back")
     finally:
         cli.run("cluster", "destroy", name, "--yes", timeout=300)
     for node in ("a1", "b1", "b2"):

@@ -39,6 +39,7 @@ import re
 import secrets
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
@@ -68,6 +69,41 @@ NSG = "Microsoft.Network/networkSecurityGroups"
 VNET = "Microsoft.Network/virtualNetworks"
 DISK = "Microsoft.Compute/disks"
 RG_TYPE = "Microsoft.Resources/resourceGroups"
+# "Naming rules and restrictions for Azure resources" (Azure Resource Manager docs), per type: length,
+# characters (alphanumerics, '_', '.', '-'), first and last character.
+_NET_NAME = r"[A-Za-z0-9]([\w.-]*\w)?"
+_VM_BAD = r"\s~!@#$%^&*()=+_\[\]{}\\|;:'\",<>/?"
+NAME_RULES: dict[str, tuple[str, int, int]] = {  # type -> (full-match regex, min, max length)
+    "resourceGroups": (r"[-\w.()]*[-\w()]", 1, 90),  # may not end with '.'
+    "Microsoft.Network/virtualNetworks": (_NET_NAME, 2, 64),
+    "subnets": (_NET_NAME, 1, 80),
+    "Microsoft.Network/networkSecurityGroups": (_NET_NAME, 1, 80),
+    "securityRules": (_NET_NAME, 1, 80),
+    "Microsoft.Network/networkInterfaces": (_NET_NAME, 1, 80),
+    "Microsoft.Network/publicIPAddresses": (_NET_NAME, 1, 80),
+    "Microsoft.Compute/disks": (_NET_NAME, 1, 80),
+    # A VM's name: no spaces nor ~!@#$%^&*()=+_[]{}\|;:'",<>/? ; a Linux VM's may not end with '.' or '-'
+    # (the list also names '.', but the Linux rule implies it inside a name: the fake allows it there).
+    "Microsoft.Compute/virtualMachines": (f"[^{_VM_BAD}]*[^{_VM_BAD}.-]", 1, 64),
+}
+
+
+def check_name(kind: str, name: str) -> None:
+    rx, low, high = NAME_RULES[kind]
+    if not low <= len(name) <= high or not re.fullmatch(rx, name):
+        raise ArmError(400, "InvalidResourceName", f"Resource name {name} is invalid. The name can be up to "
+                       f"{high} characters long. It can contain alphanumeric characters, underscores, periods and "
+                       "hyphens and must begin with an alphanumeric character (see the naming rules of "
+                       f"{kind.rsplit('/', 1)[-1]}).")
+
+
+# "Troubleshoot NicReservedForAnotherVm" (Azure virtual network docs): after its VM is deleted, a NIC
+# that was not deleted with it (deleteOption Detach, the default) stays reserved for that VM for 180 s;
+# deleting or attaching it meanwhile answers 400 NicReservedForAnotherVm.
+NIC_RESERVATION_SECONDS = 180.0
+# "Resolve errors for resource provider registration": a request to a namespace the subscription has
+# not registered answers 409 MissingSubscriptionRegistration until `register` has been called.
+PROVIDER_NAMESPACES = ("Microsoft.Compute", "Microsoft.Network")
 
 
 class ArmError(Exception):
@@ -146,6 +182,12 @@ class ArmFake(LoopbackServer):
                  client_secret: str) -> None:
         self.ca_file, cert_file, key_file = pki
         self.subscriptions = {s.lower() for s in subscriptions}
+        self.nic_reservation = NIC_RESERVATION_SECONDS  # tests shorten it; the shape stays the real one
+        # (subscription, namespace) lowercased -> "Registered" | "Registering"; every namespace is
+        # registered unless a test calls unregister().
+        self.registration: dict[tuple[str, str], str] = {(sub, ns.lower()): "Registered"
+                                                         for sub in self.subscriptions for ns in PROVIDER_NAMESPACES}
+        self.may_register = True  # False: the identity lacks Microsoft.*/register/action (403)
         self.tenant = tenant
         self.client_id = client_id
         self.client_secret = client_secret
@@ -188,6 +230,35 @@ class ArmFake(LoopbackServer):
         with self.lock:
             self._gate = n
             self._vm_puts = 0
+
+    def unregister(self, subscription: str, namespace: str) -> None:
+        with self.lock:
+            self.registration.pop((subscription.lower(), namespace.lower()), None)
+
+    def check_registered(self, sub: str, namespace: str) -> None:
+        if self.registration.get((sub.lower(), namespace.lower())) != "Registered":
+            raise ArmError(409, "MissingSubscriptionRegistration", f"The subscription is not registered to use "
+                           f"namespace '{namespace}'. See https://aka.ms/rps-not-found for how to register "
+                           "subscriptions.")
+
+    def provider_registration(self, method: str, sub: str, namespace: str,
+                              action: str) -> tuple[int, Any, dict[str, str]]:
+        """GET /subscriptions/S/providers/NS and POST .../NS/register (Resources API, Providers)."""
+        key = (sub.lower(), namespace.lower())
+        canonical = next((ns for ns in PROVIDER_NAMESPACES if ns.lower() == key[1]), namespace)
+        if action == "register" and method == "POST":
+            if not self.may_register:
+                raise ArmError(403, "AuthorizationFailed", f"The client does not have authorization to perform "
+                               f"action '{canonical}/register/action' over scope '/subscriptions/{sub}'.")
+            if self.registration.get(key) != "Registered":
+                self.registration[key] = "Registering"
+        elif action or method != "GET":
+            raise ArmError(405, "MethodNotAllowed", "method not allowed")
+        elif self.registration.get(key) == "Registering":  # registration completes after a while
+            self.registration[key] = "Registered"
+        state = "Registering" if action else self.registration.get(key, "NotRegistered")
+        return 200, {"id": f"/subscriptions/{sub}/providers/{canonical}", "namespace": canonical,
+                     "registrationState": state, "resourceTypes": []}, {}
 
     def count(self, method: str = "", contains: str = "") -> int:
         with self.lock:
@@ -255,7 +326,14 @@ class ArmFake(LoopbackServer):
             raise ArmError(401, "invalid_client", "AADSTS7000215: Invalid client secret provided.")
         if not form.get("scope", [""])[0].endswith("/.default"):
             raise ArmError(400, "invalid_scope", "AADSTS70011: The provided scope is not valid.")
-        token = "arm-fake." + secrets.token_urlsafe(24)
+        # Entra access tokens are JWTs (header.claims.signature); an application's carry `appid`, `oid`
+        # and `tid`. The signature is random bytes: clients do not check it, the fake checks the token
+        # by its presence in its set.
+        claims = {"aud": form["scope"][0][:-len("/.default")], "iss": f"{self.url}/{tenant}/v2.0",
+                  "appid": self.client_id, "oid": str(uuid.uuid5(uuid.NAMESPACE_URL, self.client_id)),
+                  "tid": tenant, "ver": "1.0"}
+        token = ".".join(base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=") for part in
+                         ({"typ": "JWT", "alg": "RS256"}, claims)) + "." + secrets.token_urlsafe(32)
         with self.lock:
             self._tokens.add(token)
         return {"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": token}
@@ -293,6 +371,14 @@ class ArmFake(LoopbackServer):
             raise ArmError(404, "SubscriptionNotFound", f"The subscription '{sub}' could not be found.")
         rest = parts[2:]
         with self.lock:
+            if len(rest) in (2, 3) and rest[0].lower() == "providers" and "/" not in rest[1] and (
+                    len(rest) == 3 and rest[2].lower() == "register" or len(rest) == 2):
+                return self.provider_registration(method, sub, rest[1], rest[2].lower() if len(rest) == 3 else "")
+            namespace = rest[1] if len(rest) >= 2 and rest[0].lower() == "providers" else (
+                rest[3] if len(rest) >= 4 and rest[0].lower() == "resourcegroups" and rest[2].lower() == "providers"
+                else "")
+            if namespace:
+                self.check_registered(sub, namespace)
             if rest and rest[0].lower() == "resourcegroups":
                 if len(rest) == 1:
                     if method != "GET":
@@ -374,6 +460,7 @@ class ArmFake(LoopbackServer):
                 raise ArmError(404, "ResourceGroupNotFound", f"Resource group '{name}' could not be found.")
             return (204 if method == "HEAD" else 200), (None if method == "HEAD" else copy.deepcopy(current)), {}
         if method == "PUT":
+            check_name("resourceGroups", name)
             if not isinstance(body, dict) or not body.get("location"):
                 raise bad("The 'location' property is required.", "LocationRequired")
             if current is not None and current["properties"]["provisioningState"] == "Deleting":
@@ -444,6 +531,7 @@ class ArmFake(LoopbackServer):
     def view(self, r: dict[str, Any], instance_view: bool = False) -> dict[str, Any]:
         out = copy.deepcopy(r)
         power = out.pop("_power", None)  # the fake's own field: instanceView shows it
+        out.pop("_reserved_until", None)
         if instance_view and r["type"] == VM:
             out["properties"]["instanceView"] = {"statuses": [
                 {"code": f"ProvisioningState/{r['properties']['provisioningState'].lower()}"},
@@ -476,6 +564,7 @@ class ArmFake(LoopbackServer):
             raise ArmError(405, "MethodNotAllowed", f"{method} not allowed")
         if not isinstance(body, dict):
             raise bad("The request content was invalid and could not be deserialized.", "InvalidRequestContent")
+        check_name(rtype, name)
         if not body.get("location"):
             raise bad("The 'location' property is required.", "LocationRequired")
         if current is not None and current["properties"].get("provisioningState") == "Deleting":
@@ -521,6 +610,7 @@ class ArmFake(LoopbackServer):
             return 202, None, {**self.location_headers(op), **self.async_headers(op)}
         if method != "PUT" or not isinstance(body, dict):
             raise ArmError(405, "MethodNotAllowed", f"{method} not allowed")
+        check_name(collection, name)
         entry = {"name": name, "properties": copy.deepcopy(body.get("properties") or {})}
         if collection == "securityRules":
             others = [c for c in items if c is not found]
@@ -552,6 +642,7 @@ class ArmFake(LoopbackServer):
         old = {s["name"].lower(): s for s in (current["properties"].get("subnets", []) if current else [])}
         for s in props.get("subnets") or []:
             entry = {"name": s.get("name", ""), "properties": copy.deepcopy(s.get("properties") or {})}
+            check_name("subnets", entry["name"])
             _check_subnet(entry, {"properties": {"addressSpace": {"addressPrefixes": [str(n) for n in nets]}}})
             entry["id"] = f"{rid}/subnets/{entry['name']}"
             entry["properties"]["provisioningState"] = "Succeeded"
@@ -685,6 +776,8 @@ class ArmFake(LoopbackServer):
             nic = self.resources.get(ref.get("id", "").lower())
             if nic is None:
                 raise ArmError(400, "NetworkInterfaceNotFound", f"Network interface {ref.get('id')} not found.")
+            if nic.get("_reserved_until", 0.0) > time.monotonic():
+                raise nic_reserved(nic["id"])
             owner = (nic["properties"].get("virtualMachine") or {}).get("id", "")
             if owner and owner.lower() != rid.lower():
                 raise ArmError(400, "NicInUse", f"Network interface {nic['id']} is used by virtual machine {owner}.")
@@ -694,6 +787,13 @@ class ArmFake(LoopbackServer):
         custom = ""
         os_profile = props.get("osProfile") or {}
         if current is None:
+            computer = os_profile.get("computerName", name)
+            # Naming rules: a Linux computerName is 1-64 characters, none of the VM name's forbidden
+            # ones nor '.', and not only digits.
+            if not re.fullmatch(f"[^{_VM_BAD}.]{{1,64}}", computer) or computer.isdigit():
+                raise bad(f"Linux host name cannot exceed 64 characters in length or contain the following "
+                          f"characters: ~!@#$%^&*()=+_[]{{}}\\|;:.'\",<>/?. (computerName '{computer}')",
+                          "InvalidParameter")
             admin = os_profile.get("adminUsername", "")
             if not admin or admin.lower() in RESERVED_ADMIN_NAMES:
                 raise bad(f"The Admin Username specified is not allowed: '{admin}'.", "InvalidParameter")
@@ -784,6 +884,8 @@ class ArmFake(LoopbackServer):
 
     def check_deletable(self, r: dict[str, Any]) -> None:
         rtype, name = r["type"], r["name"]
+        if rtype == NIC and r.get("_reserved_until", 0.0) > time.monotonic():
+            raise nic_reserved(r["id"])
         if rtype == NIC and r["properties"].get("virtualMachine"):
             raise ArmError(400, "NicInUse", f"Network Interface {r['id']} is used by existing resource "
                            f"{r['properties']['virtualMachine']['id']}. In order to delete the network interface, "
@@ -812,10 +914,24 @@ class ArmFake(LoopbackServer):
             self._vm_gone(r)
 
     def _vm_gone(self, vm: dict[str, Any]) -> None:
+        # deleteOption (Compute API, NetworkInterfaceReference.properties.deleteOption; Network API,
+        # PublicIPAddress.properties.deleteOption): Delete removes the NIC (and its public IP, when that
+        # says Delete too) with the VM; Detach (the default) leaves it, reserved (NIC_RESERVATION_SECONDS).
         for ref in vm["properties"]["networkProfile"]["networkInterfaces"]:
             nic = self.resources.get(ref["id"].lower())
-            if nic is not None:
-                nic["properties"].pop("virtualMachine", None)
+            if nic is None:
+                continue
+            nic["properties"].pop("virtualMachine", None)
+            if (ref.get("properties") or {}).get("deleteOption") != "Delete":
+                nic["_reserved_until"] = time.monotonic() + self.nic_reservation
+                continue
+            del self.resources[nic["id"].lower()]
+            self._unlink_nic(nic)
+            for cfg in nic["properties"].get("ipConfigurations") or []:
+                pip_id = ((cfg.get("properties") or {}).get("publicIPAddress") or {}).get("id", "").lower()
+                pip = self.resources.get(pip_id)
+                if pip is not None and pip["properties"].get("deleteOption") == "Delete":
+                    del self.resources[pip_id]
         os_disk = vm["properties"]["storageProfile"].get("osDisk") or {}
         disk_key = ((os_disk.get("managedDisk") or {}).get("id") or "").lower()
         disk = self.resources.get(disk_key)
@@ -829,6 +945,12 @@ class ArmFake(LoopbackServer):
         self.events.append(("vm-deleted", vm["name"]))
         if self.on_vm_deleted:
             self.on_vm_deleted(self.view(vm))
+
+
+def nic_reserved(nic_id: str) -> ArmError:
+    return ArmError(400, "NicReservedForAnotherVm", f"Network interface {nic_id} is reserved for another virtual "
+                    f"machine for {int(NIC_RESERVATION_SECONDS)} seconds after that machine's deletion. Retry "
+                    "later.")
 
 
 def _tags(body: dict[str, Any]) -> dict[str, str]:

@@ -44,10 +44,25 @@ IMAGE_RE = re.compile(r"^(https://www\.googleapis\.com/compute/v1/)?(projects/[a
 PORT_RE = re.compile(r"^\d{1,5}(-\d{1,5})?$")
 PROTOCOLS = {"tcp", "udp", "icmp", "esp", "ah", "sctp", "ipip", "all"}
 MACHINE_TYPES = {"e2-micro", "e2-small", "e2-medium", "e2-standard-2", "e2-standard-4", "e2-standard-8",
-                 "n1-standard-1", "n2-standard-2", "n2-standard-4", "n2d-standard-2", "t2d-standard-1"}
+                 "n1-standard-1", "n2-standard-2", "n2-standard-4", "n2d-standard-2", "t2d-standard-1",
+                 "t2a-standard-1", "c3-standard-4", "c3d-standard-4", "h3-standard-88", "c4-standard-2",
+                 "c4a-standard-1", "c4d-standard-2", "n4-standard-2", "n4a-standard-1"}
+# Disk types (Compute Engine docs, "Choose a disk type"); AttachedDiskInitializeParams.diskType: "If
+# not specified, the default is pd-standard".
+DISK_TYPES = {"pd-standard", "pd-balanced", "pd-ssd", "pd-extreme", "hyperdisk-balanced", "hyperdisk-extreme",
+              "hyperdisk-throughput", "hyperdisk-ml", "hyperdisk-balanced-high-availability"}
+# Disk types a machine series refuses ("Machine series comparison", "About Hyperdisk": the 4th
+# generation takes Hyperdisk only; C3, C3D and H3 take no Standard (or Extreme) Persistent Disk). Only
+# the series listed here are checked: for the others the fake accepts every type (never stricter).
+PERSISTENT_DISK = {"pd-standard", "pd-balanced", "pd-ssd", "pd-extreme"}
+REFUSED_DISK_TYPES = {**{s: PERSISTENT_DISK for s in ("c4", "c4a", "c4d", "n4", "n4a", "n4d")},
+                      **{s: {"pd-standard", "pd-extreme"} for s in ("c3", "c3d", "h3")}}
+# "About Hyperdisk": Hyperdisk Extreme, Throughput and ML volumes cannot be boot disks.
+NOT_BOOT = {"hyperdisk-extreme", "hyperdisk-throughput", "hyperdisk-ml"}
 DEFAULT_REGIONS = ("us-central1", "us-east1", "europe-west1")
 PUBLIC_POOLS = ("203.0.113.0/24", "198.51.100.0/24", "192.0.2.0/24")  # documentation ranges: never routed
 BASE = "https://www.googleapis.com/compute/v1/"
+REQUEST_ID_TTL = 60 * 60.0  # seconds a requestId is kept (see GceFake._replay)
 
 
 class ApiError(Exception):
@@ -86,7 +101,9 @@ class GceFake(LoopbackServer):
         self.firewalls: dict[tuple[str, str], dict[str, Any]] = {}
         self.operations: dict[tuple[str, str], dict[str, Any]] = {}  # (project, name) -> op
         self._op_actions: dict[str, Callable[[], list[tuple[str, dict[str, Any]]]]] = {}
-        self.request_ids: dict[tuple[str, str], str] = {}
+        # (project, requestId) -> (operation name, when first seen on the fake's clock)
+        self.request_ids: dict[tuple[str, str], tuple[str, float]] = {}
+        self.clock_offset = 0.0  # advance(): the fake's clock runs ahead of the machine's
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, failures included
         self._failures: list[tuple[int, str, bool]] = []
         self._ids = itertools.count(int(time.time()) * 1000)
@@ -105,6 +122,14 @@ class GceFake(LoopbackServer):
         `after`: do the request first, then answer with the error (the reply was lost on the way)."""
         with self.lock:
             self._failures.extend([(status, path_contains, after)] * n)
+
+    def now(self) -> float:
+        return time.time() + self.clock_offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the fake's clock on (request ids older than REQUEST_ID_TTL are then forgotten)."""
+        with self.lock:
+            self.clock_offset += seconds
 
     def count(self, method: str = "", contains: str = "") -> int:
         with self.lock:
@@ -229,7 +254,7 @@ class GceFake(LoopbackServer):
         if action is not None:
             self._op_actions[name] = action
         if rid:
-            self.request_ids[(project, rid)] = name
+            self.request_ids[(project, rid)] = (name, self.now())
         return op
 
     def _finish(self, project: str, scope: str, name: str) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
@@ -388,6 +413,19 @@ class GceFake(LoopbackServer):
             if d.get("boot") and not d.get("source"):
                 if not IMAGE_RE.match(init.get("sourceImage", "")):
                     raise bad(f"resource.disks[{i}].initializeParams.sourceImage", init.get("sourceImage", ""))
+            dtype = init.get("diskType") or "pd-standard"
+            m = re.fullmatch(r"(?:.*/)?zones/([^/]+)/diskTypes/([^/]+)", dtype)
+            if m and m.group(1) != zone:
+                raise bad(f"resource.disks[{i}].initializeParams.diskType", dtype, "Must be in the instance's zone.")
+            dname = m.group(2) if m else dtype
+            if "/" in dname or dname not in DISK_TYPES:
+                raise not_found(f"projects/{project}/zones/{zone}/diskTypes/{dname}")
+            if d.get("boot") and dname in NOT_BOOT:
+                raise bad(f"resource.disks[{i}].initializeParams.diskType", dname, "This disk type cannot be a "
+                                                                                   "boot disk.")
+            if dname in REFUSED_DISK_TYPES.get(mt_name.split("-", 1)[0], set()):
+                raise bad(f"resource.disks[{i}].initializeParams.diskType", dname,
+                          f"[{dname}] disk type cannot be used by [{mt_name}] machine type.")
             size = init.get("diskSizeGb")
             if size is not None and not (10 <= int(size) <= 65536):
                 raise bad(f"resource.disks[{i}].initializeParams.diskSizeGb", size,
@@ -539,9 +577,17 @@ class GceFake(LoopbackServer):
         ]
 
     def _replay(self, project: str, rid: str | None) -> dict[str, Any] | None:
-        if rid and (project, rid) in self.request_ids:
-            return copy.deepcopy(self.operations[(project, self.request_ids[(project, rid)])])
-        return None
+        """A request id seen within REQUEST_ID_TTL answers the first request's operation, whatever the
+        new request asks (Compute API reference, `requestId`: "the server will know to ignore the
+        request if it has already been completed. The server guarantees that for at least 60 minutes
+        after the first request"); an older one is forgotten, and the request is a new one."""
+        seen = self.request_ids.get((project, rid)) if rid else None
+        if seen is None:
+            return None
+        if self.now() - seen[1] >= REQUEST_ID_TTL:
+            del self.request_ids[(project, rid or "")]
+            return None
+        return copy.deepcopy(self.operations[(project, seen[0])])
 
     def _operations(self, method: str, project: str, query: Any, body: Any, scope: str, name: str,
                     wait: str | None) -> tuple[int, dict[str, Any], list[Any]]:

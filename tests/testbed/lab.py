@@ -47,15 +47,18 @@ class Lab:
 
     def host(self, name: str, network: str, ip: str, *, gateway: str | None = None,
              users: list[LoginUser] | None = None, extra: list[tuple[str, str]] | None = None,
-             forward: bool = False, keys: list[str] | None = None) -> str:
-        """A plain SSH host; it accepts the lab's operator key, or only `keys` when given."""
+             forward: bool = False, keys: list[str] | None = None,
+             sshd: netns.SshdLimits = netns.DEFAULT_SSHD) -> str:
+        """A plain SSH host; it accepts the lab's operator key, or only `keys` when given. Its sshd keeps
+        OpenSSH's limits, or `sshd=netns.HARDENED_SSHD` (MaxSessions 1, MaxStartups 3:50:6)."""
         ns = f"dcxlab-{netns.short_hash(self.tag, name, n=10)}"
         bridge, cidr = self._cidr(network, ip)
         links = [self._cidr(net, addr) for net, addr in (extra or [])]
         self.hosts[name] = ns
         self.specs[name] = netns.HostSpec(
             netns=ns, hostname=name, address=cidr, bridge=bridge, home=self.dir / ns,
-            authorized_key="\n".join(keys or [self.public_key]), gateway=gateway, users=users or [], extra_links=links)
+            authorized_key="\n".join(keys or [self.public_key]), gateway=gateway, users=users or [], extra_links=links,
+            sshd=sshd)
         netns.start_host(self.specs[name])
         if forward:
             self.exec(name, "sysctl", "-qw", "net.ipv4.ip_forward=1")

@@ -43,11 +43,11 @@ def test_bad_spec_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr + r.stdout
 
 
-def test_unknown_cluster_exit_1_with_hint(tmp_path: Path) -> None:
+def test_unknown_cluster_is_bad_input_exit_2_in_one_line(tmp_path: Path) -> None:
     r = dcx("cluster", "status", "ghost", "-o", "json", home=tmp_path)
-    assert r.returncode == 1
-    assert r.stderr.splitlines()[0] == f"error: no cluster named 'ghost' in {tmp_path / 'clusters'}"
-    assert r.stderr.splitlines()[1].startswith("hint: ")
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [f"error: no cluster named 'ghost' in {tmp_path / 'clusters'} "
+                                     "(see `dcx cluster list`)"]
     assert r.stdout == ""
 
 

@@ -67,19 +67,6 @@ def test_swarm_init_advertises_the_given_address() -> None:
     assert argv[-2:] == ["--data-path-addr", "100.96.0.1"]
 
 
-def test_swarm_join_reads_the_token_from_stdin(tmp_path: Path) -> None:
-    line = swarm.join_command("10.0.0.6", "10.0.0.5")
-    assert "SWMTKN" not in line
-    # Run it with a stand-in `docker` that prints its argv: the token arrives as one argument.
-    fake = tmp_path / "docker"
-    fake.write_text("#!/bin/sh\nfor a in \"$@\"; do echo \"[$a]\"; done\n")
-    fake.chmod(0o755)
-    out = subprocess.run(["sh", "-c", line], input="SWMTKN-1-abc def\n", capture_output=True, text=True,
-                         env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, check=True).stdout.split("\n")
-    assert out[:4] == ["[swarm]", "[join]", "[--token]", "[SWMTKN-1-abc def]"]
-    assert "[10.0.0.5:2377]" in out
-
-
 def test_registered_secrets_are_redacted_in_logs_and_text() -> None:
     token = "SWMTKN-1-0123456789abcdef-secretpart"
     register_secret(token)

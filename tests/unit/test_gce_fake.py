@@ -174,3 +174,60 @@ def test_filter_language() -> None:
     assert parse_filter('status != "STOPPING"')(r)
     with pytest.raises(Exception, match="filter"):
         parse_filter("labels.a = (")
+
+
+def test_boot_disk_types_per_machine_series(fake: GceFake, clients: dict[str, Any]) -> None:
+    """The API's default boot disk type (pd-standard) is refused by C3/C3D/H3 and the 4th generation;
+    the 4th generation takes Hyperdisk only; a type the series takes is accepted (name or zonal URL)."""
+    from google.api_core import exceptions as gexc
+    from google.cloud import compute_v1
+
+    network(fake)
+    inst = clients["InstancesClient"]
+
+    def boot(machine_type: str, disk_type: str = "") -> Any:
+        return props(machine_type=machine_type, disks=[compute_v1.AttachedDisk(
+            boot=True, initialize_params=compute_v1.AttachedDiskInitializeParams(
+                source_image="projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-amd64",
+                disk_size_gb=20, disk_type=disk_type))])
+
+    def bulk(name: str, p: Any) -> Any:
+        op = inst.bulk_insert_unary(project=P, zone=Z, bulk_insert_instance_resource_resource=compute_v1.
+                                    BulkInsertInstanceResource(count=1, instance_properties=p,
+                                                               per_instance_properties={name: {"name": name}}))
+        return clients["ZoneOperationsClient"].wait(project=P, zone=Z, operation=op.name)
+
+    for machine_type, disk_type in (("c4-standard-2", ""), ("c4a-standard-1", "pd-balanced"),
+                                    ("n4-standard-2", "pd-ssd"), ("c3-standard-4", ""),
+                                    ("c3d-standard-4", "pd-standard"), ("e2-small", "hyperdisk-throughput")):
+        with pytest.raises(gexc.BadRequest):
+            bulk("refused", boot(machine_type, disk_type))
+    for i, (machine_type, disk_type) in enumerate((
+            ("c4-standard-2", "hyperdisk-balanced"), ("n4a-standard-1", "hyperdisk-balanced"),
+            ("c3-standard-4", "pd-balanced"), ("c3-standard-4", f"zones/{Z}/diskTypes/hyperdisk-balanced"),
+            ("e2-small", ""), ("e2-small", "pd-standard"))):
+        assert not bulk(f"ok-{i}", boot(machine_type, disk_type)).error.errors
+    with pytest.raises(gexc.NotFound):
+        bulk("nope", boot("e2-small", "pd-nonesuch"))
+
+
+def test_request_ids_are_kept_sixty_minutes(fake: GceFake, clients: dict[str, Any]) -> None:
+    from google.cloud import compute_v1
+
+    network(fake)
+    inst, zops = clients["InstancesClient"], clients["ZoneOperationsClient"]
+    rid = str(uuid.uuid4())
+    request = compute_v1.InsertInstanceRequest(project=P, zone=Z, request_id=rid, instance_resource=instance("a"))
+    first = inst.insert_unary(request=request)
+    zops.wait(project=P, zone=Z, operation=first.name)
+    zops.wait(project=P, zone=Z, operation=inst.delete_unary(project=P, zone=Z, instance="a").name)
+    fake.advance(59 * 60)
+    # Within the hour the finished operation is replayed: the instance is NOT made again.
+    assert inst.insert_unary(request=request).name == first.name
+    assert list(inst.list(project=P, zone=Z)) == []
+    fake.advance(2 * 60)
+    # After it, the id is a new request.
+    again = inst.insert_unary(request=request)
+    assert again.name != first.name
+    zops.wait(project=P, zone=Z, operation=again.name)
+    assert [i.name for i in inst.list(project=P, zone=Z)] == ["a"]

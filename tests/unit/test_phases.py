@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
+import paramiko
 import pytest
 
+from dcx.bootstrap import ssh
 from dcx.bootstrap.phases import Host, Phase, PhaseFailed, RunContext, run_phases
-from dcx.bootstrap.ssh import CommandFailed, Result, Target
+from dcx.bootstrap.ssh import CommandFailed, Connection, HostKeyStore, Result, Target
 from dcx.providers.base import Node
+from tests.fakes.ssh_server import LimitedSSHServer
 
 
 class Recorder:
@@ -133,3 +137,53 @@ def test_unexpected_exceptions_are_reported_not_raised_raw() -> None:
     ctx, _ = make_ctx(1)
     with pytest.raises(PhaseFailed, match="n1: KeyError: 'boom'"):
         run_phases(ctx, [Crash()])
+
+
+class AskTheManager(Phase):
+    """Each worker's run opens a session on the manager's one connection, as a join's token fetch does."""
+
+    title = "ask the manager"
+
+    def __init__(self, manager: Connection) -> None:
+        self.manager = manager
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        self.manager.run(f"sleep 0.05; echo {host.name}", check=True, timeout=30)
+
+
+def manager_on_fake_sshd(tmp_path: Path, max_sessions: int) -> tuple[LimitedSSHServer, Connection]:
+    key = paramiko.RSAKey.generate(2048)
+    key.write_private_key_file(str(tmp_path / "id"))
+    server = LimitedSSHServer(key, max_sessions)
+    target = Target(name="manager-1", host="127.0.0.1", port=server.port, key_files=[str(tmp_path / "id")],
+                    agent=False, booting=False)
+    return server, Connection(target, HostKeyStore({}, lambda: None))
+
+
+def test_workers_sharing_a_hardened_managers_connection_all_succeed(tmp_path: Path) -> None:
+    server, manager = manager_on_fake_sshd(tmp_path, max_sessions=2)
+    try:
+        ctx, rec = make_ctx(12, parallel=12)
+        run_phases(ctx, [AskTheManager(manager)])
+        assert ("done", "ask the manager", "12", "0", "0") in rec.events
+        assert server.refusals >= 1 and server.most_at_once <= 2
+    finally:
+        manager.close()
+        server.close()
+
+
+def test_a_refusing_connection_is_named_not_the_host_whose_phase_used_it(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ssh, "REFUSAL_PATIENCE", 0.3)
+    server, manager = manager_on_fake_sshd(tmp_path, max_sessions=0)
+    try:
+        ctx, _ = make_ctx(2)
+        with pytest.raises(PhaseFailed) as info:
+            run_phases(ctx, [AskTheManager(manager)])
+        lines = info.value.message.splitlines()
+        assert lines[0] == "phase 'ask the manager' failed on 2/2 hosts:"
+        assert lines[1].startswith(f"  n1: manager-1 (root@127.0.0.1:{server.port}) refused every new SSH session")
+        assert "MaxSessions" in (info.value.hint or "")
+    finally:
+        manager.close()
+        server.close()

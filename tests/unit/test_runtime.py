@@ -78,7 +78,24 @@ def test_start_commands_per_init_system(init: str, expected_first: str) -> None:
     if init == "none":
         # Detached with a pidfile, and only when none is running: a re-run starts nothing twice.
         assert "setsid dockerd --pidfile /run/dcx/dockerd.pid" in commands[1]
-        assert commands[1].startswith("if [ -f /run/dcx/dockerd.pid ] && kill -0")
+        assert 'if running "$(cat /run/dcx/dockerd.pid 2>/dev/null)" dockerd; then :; else' in commands[1]
+
+
+@pytest.mark.parametrize(("what", "pid", "program", "runs"), [
+    ("this shell", "$$", "sh", True),
+    ("another program", "$$", "dockerd", False),
+    ("no such process", "999999999", "sh", False),
+    ("empty pidfile", "", "sh", False),
+])
+def test_running_is_true_only_for_that_program_alive(what: str, pid: str, program: str, runs: bool) -> None:
+    import subprocess
+
+    from dcx.bootstrap.runtime import RUNNING_FUNCTION
+
+    # /bin/sh here is dash, whose exe is /usr/bin/dash: name it as readlink shows it.
+    script = f'{RUNNING_FUNCTION}; p={program}; [ "$p" = sh ] && p=$(basename "$(readlink /proc/$$/exe)"); ' \
+             f'running "{pid}" "$p"'
+    assert (subprocess.run(["sh", "-c", script]).returncode == 0) is runs, what
 
 
 def test_cloud_init_user_data_is_valid_yaml_with_the_key_and_nothing_per_machine() -> None:
@@ -94,3 +111,20 @@ def test_cloud_init_user_data_is_valid_yaml_with_the_key_and_nothing_per_machine
     assert (user["name"], user["ssh_authorized_keys"], user["sudo"]) == ("ubuntu", [key], "ALL=(ALL) NOPASSWD:ALL")
     assert data["ssh_pwauth"] is False and data["disable_root"] is True
     assert "hostname" not in data  # one user-data serves a batch of machines
+
+
+def test_a_zombie_is_not_running() -> None:
+    """A daemon killed where nothing reaps it stays a zombie: `kill -0` succeeds on it, `running` must not."""
+    import subprocess
+    import time
+
+    from dcx.bootstrap.runtime import RUNNING_FUNCTION
+
+    child = subprocess.Popen(["sleep", "0"])  # not waited for until the end: a zombie meanwhile
+    try:
+        while not open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+            time.sleep(0.01)
+        assert subprocess.run(["sh", "-c", f"kill -0 {child.pid}"]).returncode == 0
+        assert subprocess.run(["sh", "-c", f"{RUNNING_FUNCTION}; running {child.pid} sleep"]).returncode == 1
+    finally:
+        child.wait()

@@ -25,7 +25,8 @@ def mode(path: Path) -> int:
 def test_save_and_load_round_trip_with_private_modes(tmp_path: Path) -> None:
     cdir = StateStore(tmp_path).cluster("demo")
     st = ClusterState(name="demo", id="abcd1234")
-    st.nodes["demo-control-1"] = {"name": "demo-control-1"}
+    st.nodes["demo-control-1"] = {"name": "demo-control-1", "pool": "control", "provider": "local",
+                                  "role": "control", "ssh_address": "10.0.0.2"}
     cdir.save(st)
     assert cdir.load().nodes == st.nodes
     assert mode(cdir.state_file) == 0o600
@@ -116,11 +117,12 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         cdir.load()
 
 
-def test_unknown_cluster_has_a_hint(tmp_path: Path) -> None:
+def test_unknown_cluster_is_bad_input_saying_where_to_look(tmp_path: Path) -> None:
     with pytest.raises(DcxError) as info:
         StateStore(tmp_path).cluster("nope").load()
-    assert "no cluster named 'nope'" in info.value.message
-    assert info.value.hint
+    assert info.value.message == f"no cluster named 'nope' in {tmp_path / 'clusters'} (see `dcx cluster list`)"
+    assert info.value.exit_code == 2
+    assert not (tmp_path / "clusters").exists()
 
 
 def test_dcx_home_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,64 @@
+"""End to end: dcx works within what a hardened sshd allows (MaxSessions 1, MaxStartups 3:50:6 on every
+node): a 12-node create, destroy, and create again, each converging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from tests.testbed.local import Dcx, leftovers, registry_entries
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+SUBNET = "10.213.207.0/24"
+
+
+def hardened_spec(name: str, nodes: int) -> str:
+    local = f"provider: local, local: {{subnet: {SUBNET}, sshd: hardened}}"
+    return (f"apiVersion: dcx/v1\nkind: Cluster\nmetadata: {{name: {name}}}\nspec:\n  engine: {{type: swarm}}\n"
+            f"  pools:\n    - {{name: control, role: control, count: 1, {local}}}\n"
+            f"    - {{name: workers, role: worker, count: {nodes - 1}, {local}}}\n")
+
+
+def assert_sessions_limited_to_one(cli: Dcx, cluster: str, node: dict) -> None:
+    """The node's live sshd really is hardened: a second session on one connection is refused, as
+    OpenSSH refuses past MaxSessions (ChannelException 2)."""
+    config = (Path(node["home"]) / "sshd" / "sshd_config").read_text()
+    assert "MaxSessions 1\n" in config and "MaxStartups 3:50:6\n" in config
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # a throwaway check of a test node
+    client.connect(node["address"], username="root", key_filename=str(cli.home / "clusters" / cluster / "ssh" /
+                                                                       "id_ed25519"),
+                   allow_agent=False, look_for_keys=False, timeout=10)
+    try:
+        transport = client.get_transport()
+        assert transport is not None
+        first = transport.open_session()
+        with pytest.raises(paramiko.ChannelException) as refused:
+            transport.open_session()
+        assert refused.value.code == 2
+        first.close()
+    finally:
+        client.close()
+
+
+def test_twelve_nodes_on_hardened_sshd_create_destroy_create(dcx_cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    cli, clusters = dcx_cli
+    name = "e2e-hardened"
+    clusters.append(name)
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(hardened_spec(name, 12))
+    for attempt in ("first", "after destroy"):
+        r = cli.run("cluster", "create", "-f", str(spec))
+        assert r.returncode == 0, f"{attempt} create:\n{r.stdout}\n{r.stderr}"
+        status = cli.json("cluster", "status", name)
+        assert status["healthy"] is True, status
+        assert len(status["nodes"]) == 12 and all(n["ready"] for n in status["nodes"])
+        nodes = registry_entries(name)
+        assert_sessions_limited_to_one(cli, name, next(n for n in nodes if n["node"] == f"{name}-control-1"))
+        cluster_id = cli.state(name)["id"]
+        r = cli.run("cluster", "destroy", name, "--yes")
+        assert r.returncode == 0, r.stderr
+        assert leftovers(cluster_id, name) == []
