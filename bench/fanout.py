@@ -151,6 +151,9 @@ def main() -> None:
             t.ansible("-m", "setup")
             facts = {"dcx": timed(t.dcx_facts), "ansible": timed(lambda: t.ansible("-m", "setup"))}
         finally:
+            # A second Ctrl-C or SIGTERM must not cut the teardown short.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             lab.close()
     report(results, facts)
 

@@ -571,6 +571,9 @@ def destroy(name: str | None, spec: ClusterSpec | None, options: Options, store:
             session.state = ClusterState(name=name, id="", engine=spec.spec.engine.type)
         assert session.state is not None and spec is not None
         stateless = not session.state.id
+        if cluster_id and not stateless and cluster_id != session.state.id:
+            raise InputError(f"the local state of '{name}' is cluster {session.state.id}, not {cluster_id}",
+                             hint="destroy it by name, or use another DCX_HOME for the other cluster")
         session.state.status = "destroying"
         if session.cdir.path.exists():
             session.save()

@@ -103,7 +103,15 @@ def check(path: str | Path, group: str | None, parallel: int = 20, timeout: floa
 
 PROBE_TIMEOUT = 5.0  # seconds to reach a node over SSH: a node that takes longer is reported unreachable
 RUNTIME_PROBE = ("if timeout 10 docker info --format '{{.ServerVersion}}' >/dev/null 2>&1; then echo runtime=ok; "
+                 # Without root (sudo wants a password that status does not have) the socket is closed to
+                 # us: what an unprivileged user can see is the daemon's pidfile (dcx's own where dcx
+                 # started it) naming a live, not zombie, dockerd.
+                 "elif [ \"$(id -u)\" -ne 0 ] && pid=$(cat /run/dcx/dockerd.pid /var/run/docker.pid 2>/dev/null "
+                 "| head -n1) "
+                 "&& [ \"$(cat /proc/$pid/comm 2>/dev/null)\" = dockerd ] "
+                 "&& ! grep -q '^State:[[:space:]]*Z' /proc/$pid/status 2>/dev/null; then echo runtime=ok; "
                  "else echo runtime=down; fi")
+SUDO_WANTS_PASSWORD = "a password is required"  # sudo -n's refusal (sudo(8)); status then asks unprivileged
 
 
 def probe_nodes(hosts: list[Host], parallel: int, runtime: bool, mesh_addresses: dict[str, str],
@@ -127,7 +135,10 @@ def probe_nodes(hosts: list[Host], parallel: int, runtime: bool, mesh_addresses:
             return row
         parts = ([RUNTIME_PROBE] if runtime else []) + ([probe_command(list(peers.values()))] if address else [])
         try:
-            text = host.run("; ".join(parts) or "true", timeout=30).stdout
+            result = host.run("; ".join(parts) or "true", timeout=30)
+            if not result.ok and SUDO_WANTS_PASSWORD in result.stderr:
+                result = host.run("; ".join(parts) or "true", timeout=30, sudo=False)
+            text = result.stdout
         except Exception as exc:  # noqa: BLE001 - reported in the row
             row["ssh"] = _one_line(exc)
             return row

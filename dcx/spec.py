@@ -248,7 +248,7 @@ def raise_located(exc: ValidationError, locator: Locator, prefix: tuple[str | in
     unknown field that is a near miss of a known one (`metdata:`) is named first, with the known name."""
     errors = exc.errors()
     err = errors[0]
-    typo = _near_miss(errors)
+    typo = _near_miss(errors, exc_model(exc))
     if typo is not None:
         err, known = typo
         path = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
@@ -258,21 +258,55 @@ def raise_located(exc: ValidationError, locator: Locator, prefix: tuple[str | in
     raise locator.error(path, describe_validation_error(err)) from None
 
 
-def _near_miss(errors: list[Any]) -> tuple[Any, str] | None:
-    """An unknown field next to a missing one it is a near miss of: (the unknown field's error, the name)."""
+def exc_model(exc: ValidationError) -> type[BaseModel] | None:
+    """The model a ValidationError came from (pydantic names it in `title`)."""
+    for model in (ClusterSpec, ClusterBody, PoolSpec, EngineSpec, NetworkSpec, SSHSpec, Metadata):
+        if model.__name__ == exc.title:
+            return model
+    return None
+
+
+def _near_miss(errors: list[Any], model: type[BaseModel] | None = None) -> tuple[Any, str] | None:
+    """An unknown field that is a near miss of a known one: (the unknown field's error, the known name).
+    A near miss of a missing field (`metdata:`) comes first: that is what the user meant to write."""
     import difflib
 
     missing: dict[tuple[Any, ...], list[str]] = {}
     for e in errors:
         if e["type"] == "missing" and e["loc"]:
             missing.setdefault(tuple(e["loc"][:-1]), []).append(str(e["loc"][-1]))
-    for e in errors:
-        if e["type"] == "extra_forbidden" and e["loc"]:
-            names = missing.get(tuple(e["loc"][:-1]), [])
-            close = difflib.get_close_matches(str(e["loc"][-1]), names, n=1, cutoff=0.6)
-            if close:
-                return e, close[0]
+    extras = [e for e in errors if e["type"] == "extra_forbidden" and e["loc"]]
+    for e in extras:
+        close = difflib.get_close_matches(str(e["loc"][-1]), missing.get(tuple(e["loc"][:-1]), []), n=1, cutoff=0.6)
+        if close:
+            return e, close[0]
+    if model is not None and extras and errors[0] is extras[0]:
+        e = extras[0]
+        close = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(model, e["loc"][:-1]), n=1, cutoff=0.7)
+        if close:
+            return e, close[0]
     return None
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the model found at `loc` below `model` ([] when it is not a model)."""
+    import typing
+
+    node: Any = model
+    for item in loc:
+        if isinstance(item, str) and isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(item)
+            node = field.annotation if field is not None else None
+        elif isinstance(item, int):
+            node = next(iter(typing.get_args(node)), None)  # list[X] -> X
+        else:
+            return []
+        args = [a for a in typing.get_args(node) if a is not type(None)]
+        if node is not None and typing.get_origin(node) is not list and len(args) == 1:
+            node = args[0]  # X | None -> X
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return list(node.model_fields)
+    return []
 
 
 def _first_yaml_problem(data: Any) -> str | None:
@@ -350,6 +384,15 @@ def check_inventories(spec: ClusterSpec) -> int | None:
     control: int | None = 0
     for i, pool in enumerate(spec.spec.pools):
         inventory = pool.settings.get("inventory") if pool.provider == "ssh" else None
+        inline = pool.settings.get("hosts") if pool.provider == "ssh" else None
+        if isinstance(inline, list):
+            names = [h.get("name") for h in inline if isinstance(h, dict)]
+            dupes = sorted({str(n) for n in names if names.count(n) > 1})
+            if dupes:
+                raise spec.error(("spec", "pools", i, "ssh", "hosts"), f"hosts listed twice: {', '.join(dupes)}")
+            if pool.count is not None and pool.count != len(inline):
+                raise spec.error(("spec", "pools", i, "count"),
+                                 f"is {pool.count} but the pool lists {len(inline)} hosts")
         if not isinstance(inventory, str) or not inventory:
             if pool.role == "control":
                 if pool.count is not None and control is not None:
@@ -366,6 +409,9 @@ def check_inventories(spec: ClusterSpec) -> int | None:
                                    group if isinstance(group, str) else None)
         except SpecError as exc:
             raise spec.error(("spec", "pools", i, "ssh", "inventory"), exc.message) from None
+        if pool.count is not None and pool.count != len(hosts):  # as the ssh provider says it, but now
+            raise spec.error(("spec", "pools", i, "count"),
+                             f"is {pool.count} but the pool's inventory has {len(hosts)} hosts")
         if pool.role == "control" and control is not None:
             control += len(hosts)
         for h in hosts if spec.spec.engine.type == "k3s" else []:

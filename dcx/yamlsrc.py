@@ -122,7 +122,8 @@ def read_text_file(path: str | Path, what: str = "file") -> str:
         except OSError as exc:
             raise SpecError(name, None, "", read_problem(exc)) from None
     if len(data) > MAX_BYTES:
-        raise SpecError(name, None, "", f"is larger than {MAX_BYTES // 1024 // 1024} MiB; a {what} is far smaller")
+        raise SpecError(name, None, "", f"is larger than {MAX_BYTES // 1024 // 1024} MiB "
+                                        "(specs and inventories are far smaller)")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from dcx.bootstrap.phases import Host, Phase, RunContext, kill_point
+from dcx.bootstrap.runtime import DPKG_FINISH
 from dcx.errors import OperationFailed
 from dcx.shell import q
 
@@ -102,7 +103,7 @@ def wireguard_install_commands(facts: Any) -> list[str]:
     go = [] if facts.wg_kernel else ["wireguard-go"]
     family = facts.family
     if family == "debian":
-        return ["export DEBIAN_FRONTEND=noninteractive", "apt-get update -q",
+        return ["export DEBIAN_FRONTEND=noninteractive", *DPKG_FINISH, "apt-get update -q",
                 "apt-get install -y -q wireguard-tools " + " ".join(go)]
     if family == "rhel":
         return ["dnf install -y wireguard-tools " + " ".join(go)]
@@ -232,7 +233,8 @@ class InstallWireGuard(Phase):
     title = "Install WireGuard"
 
     def needs_run(self, ctx: RunContext, host: Host) -> bool:
-        return not host.facts.wg_bin or (not host.facts.wg_kernel and not host.facts.wggo_bin)
+        return (not host.facts.wg_bin or (not host.facts.wg_kernel and not host.facts.wggo_bin)
+                or host.facts.packages_interrupted)
 
     def run(self, ctx: RunContext, host: Host) -> None:
         host.run("set -e; " + "; ".join(wireguard_install_commands(host.facts)), timeout=600, check=True,
@@ -240,7 +242,16 @@ class InstallWireGuard(Phase):
 
 
 class MeshKeys(Phase):
+    """Done when the node has a key whose public half can be read (dcx collects it either way)."""
+
     title = "Make WireGuard keys on each node"
+
+    def needs_run(self, ctx: RunContext, host: Host) -> bool:
+        out = host.run(f"wg pubkey < {KEY_DIR}/private.key", timeout=60)
+        if out.ok and out.stdout.strip():
+            host.data["mesh_pubkey"] = out.stdout.strip().splitlines()[-1].strip()
+            return False
+        return True
 
     def run(self, ctx: RunContext, host: Host) -> None:
         out = host.run(KEYGEN, timeout=60, check=True, what="making the WireGuard key").stdout.strip()

@@ -39,6 +39,8 @@ echo "docker_bin=$(command -v dockerd 2>/dev/null)"
 if docker info --format '{{.ServerVersion}}' >/dev/null 2>&1; then echo docker_running=1; else echo docker_running=0; fi
 echo "docker_version=$(docker version --format '{{.Server.Version}}' 2>/dev/null)"
 echo "wg_bin=$(command -v wg 2>/dev/null)"
+# A package install killed half-way (dpkg leaves it unconfigured, and apt refuses until it is finished).
+if command -v dpkg >/dev/null 2>&1 && [ -n "$(dpkg --audit 2>/dev/null)" ]; then echo packages_interrupted=1; fi
 echo "wggo_bin=$(command -v wireguard-go 2>/dev/null)"
 if [ -d /sys/module/wireguard ] || modprobe -n wireguard >/dev/null 2>&1
 then echo wg_kernel=1; else echo wg_kernel=0; fi
@@ -71,6 +73,7 @@ class Facts:
     wggo_bin: str = ""
     wg_kernel: bool = False
     listening: str = ""  # "tcp/2377/dockerd udp/4789/ ..." (proto/port/process)
+    packages_interrupted: bool = False  # dpkg was interrupted: a binary may be there, its package unfinished
 
     def listeners(self) -> dict[tuple[str, int], str]:
         out = {}
@@ -144,13 +147,15 @@ def gather_facts(host: Host) -> Facts:
 
 def set_hostname_command(name: str) -> str:
     """Set the hostname now and for every boot: /etc/hostname, an /etc/hosts line for it, and (where
-    cloud-init runs) `preserve_hostname` so cloud-init does not put the cloud's name back."""
+    cloud-init runs) `preserve_hostname` so cloud-init does not put the cloud's name back. The live
+    hostname, which SetHostname looks at, is set last: a run killed before it leaves the phase to do."""
     n = q(name)
-    return (f"hostname {n} && echo {n} > /etc/hostname && "
+    return (f"echo {n} > /etc/hostname && "
             f"{{ grep -v '^127.0.1.1[[:space:]]' /etc/hosts; echo \"127.0.1.1 \"{n}; }} > /etc/hosts.dcx && "
             "cat /etc/hosts.dcx > /etc/hosts && rm -f /etc/hosts.dcx && "
             "if [ -d /etc/cloud/cloud.cfg.d ]; then "
-            "echo 'preserve_hostname: true' > /etc/cloud/cloud.cfg.d/99-dcx-hostname.cfg; fi")
+            "echo 'preserve_hostname: true' > /etc/cloud/cloud.cfg.d/99-dcx-hostname.cfg; fi && "
+            f"hostname {n}")
 
 
 class SetHostname(Phase):
@@ -185,6 +190,7 @@ def docker_install_commands(facts: Facts) -> list[str]:
     if family == "debian":
         return [
             "export DEBIAN_FRONTEND=noninteractive",
+            *DPKG_FINISH,
             "apt-get update -q",
             "apt-get install -y -q docker.io",
         ]
@@ -206,6 +212,10 @@ def docker_install_commands(facts: Facts) -> list[str]:
     if family == "arch":
         return ["pacman -Sy --noconfirm docker"]
     raise OperationFailed(f"unsupported OS '{facts.os_id}': install Docker on it first, then re-run")
+
+
+# Finish what an interrupted install left (apt-get refuses to run until then); nothing when there is none.
+DPKG_FINISH = ["dpkg --configure -a"]
 
 
 DOCKERD_PIDFILE = "/run/dcx/dockerd.pid"
@@ -241,7 +251,7 @@ class InstallRuntime(Phase):
     title = "Install container runtime"
 
     def needs_run(self, ctx: RunContext, host: Host) -> bool:
-        return not host.facts.docker_bin
+        return not host.facts.docker_bin or host.facts.packages_interrupted
 
     def run(self, ctx: RunContext, host: Host) -> None:
         script = "set -e; " + "; ".join(docker_install_commands(host.facts))

@@ -200,6 +200,7 @@ class SessionGate:
         ours, or about one the server had not freed yet)."""
         with self._cond:
             self.opening -= 1
+            self.limit = max(1, self.most)  # for now: no new opens while those in flight are answered
             # Opens sent before this one may still be confirmed: the server counted them.
             deadline = time.monotonic() + 5.0
             while self.opening > 0 and time.monotonic() < deadline:

@@ -216,6 +216,9 @@ def diagnose(
     ask_become_pass: bool = ASK_BECOME,
 ) -> None:
     """Gather everything about the cluster into one tar.gz (0600, secrets redacted) and say what looks wrong."""
+    from dcx.cli.node import skip_ssh_config_exec
+
+    skip_ssh_config_exec()
     from dcx.diagnose import diagnose as run_diagnose
 
     o = out(ctx)

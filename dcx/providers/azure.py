@@ -3,9 +3,10 @@
 A pool's section: `azure: {subscription, location, vmSize, image, resourceGroup, vnet, subnet, vnetCIDR,
 subnetCIDR, spot, diskGiB, tags, sshAddress: public|private}`.
 
-- Resource group: `resourceGroup`, or `dcx-CLUSTER`. One that does not exist is made by dcx, tagged with
-  the cluster, and deleted with it; one that exists (the user's) is left, and only the cluster's
-  tagged resources in it are deleted, in dependency order.
+- Resource group: `resourceGroup`, or `dcx-CLUSTER-ID` (the id in it: two clusters of one name never
+  share a group; a cluster whose state records the older `dcx-CLUSTER` keeps it). One that does not
+  exist is made by dcx, tagged with the cluster, and deleted with it; one that exists (the user's)
+  is left, and only the cluster's tagged resources in it are deleted, in dependency order.
 - Network (dcx.providers.azure_network): the pool's `vnet`/`subnet`, or a virtual network
   `dcx-CLUSTER-vnet` (`vnetCIDR`, one subnet `subnetCIDR`) that dcx makes; a network security group
   `dcx-CLUSTER-nsg` on every NIC: SSH from spec.network.sshCIDR only, the engine's ports from the
@@ -16,7 +17,12 @@ subnetCIDR, spot, diskGiB, tags, sshAddress: public|private}`.
   (its OS disk `NODE-osdisk` goes with it). The cluster's SSH key for spec.ssh.user, password login
   off, cloud-init custom data from dcx/templates/cloud-init.yaml; default image the latest Ubuntu LTS.
   A pool's PIPs, then NICs, then VMs are started together and waited for together.
-- Identity: tags dcx-cluster, dcx-cluster-id, dcx-pool (plus the pool's `tags`) on every resource
+- Deletion: the NIC and public IP are made with deleteOption Delete and go with their VM (a NIC left
+  behind is reserved for its VM for 180 s: NicReservedForAnotherVm, retried). A namespace the
+  subscription never registered is registered on first use (azure-mgmt-core's policy; an identity
+  that may not gets one line naming what to ask for).
+- Identity: tags dcx-cluster, dcx-cluster-id, dcx-pool, dcx-created, dcx-created-by (the token's upn,
+  appid or oid) (plus the pool's `tags`) on every resource
   (the OS disk is tagged after its VM is made: Azure does not pass a VM's tags to it). Names are
   deterministic: a re-run finds what exists instead of making it again.
 

@@ -1,17 +1,23 @@
 """The `gcp` provider: Compute Engine instances (google-cloud-compute, REST).
 
 A pool's section: `gcp: {project, zone, machineType, image, network, subnetwork, subnetCIDR,
-preemptible, diskGiB, labels, sshAddress: public|private, externalIP}`.
+preemptible, diskGiB, diskType, labels, sshAddress: public|private, externalIP}`.
 
 - Network: the pool's network/subnetwork, or a VPC network `dcx-<id>` with one subnetwork per region
   (`subnetCIDR`) that dcx makes. Firewall rules select instances by the network tag `dcx-<id>`: SSH
   from spec.network.sshCIDR only; the engine's ports only from instances with the tag; the mesh UDP
   port only from the other providers' nodes (/32s), when the cluster spans providers.
-- Instances: one bulkInsert per pool batch with a request id derived from cluster id + pool + batch,
-  after a look-up by labels, so a re-run never duplicates. Names are the node names.
-- Identity: instances carry labels dcx-cluster, dcx-cluster-id, dcx-pool; firewalls, networks and
-  subnetworks carry the cluster in their description (they have no labels). `sweep` finds both,
-  by name alone when the cluster id is unknown (state lost).
+- Instances: one bulkInsert per pool batch, after a look-up by labels, so a re-run never duplicates.
+  Names are the node names.
+- Identity: instances carry labels dcx-cluster, dcx-cluster-id, dcx-pool, dcx-created and
+  dcx-created-by (the credentials' service account, label-safe); firewalls, networks and subnetworks
+  carry the cluster in their description (they have no labels). `find_clusters` lists the clusters of
+  a name (for destroy without state); `sweep` goes by the cluster id, by name alone only when no id
+  is known.
+- Boot disk: a type per machine series (pd-balanced, or hyperdisk-balanced for the Hyperdisk-only
+  4th generation), never the API's default pd-standard; `diskType` overrides it.
+- Request ids: a bulkInsert's id is journalled per attempt (see _request_id): the API replays an id
+  for 60 minutes, so a new attempt gets a new id, a retry of one attempt the same.
 
 Credentials, endpoint override (DCX_GCP_ENDPOINT), retries and operations: dcx.providers.gcp_api.
 """

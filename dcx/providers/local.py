@@ -223,7 +223,11 @@ class LocalProvider(Provider):
                 removed.append(f"namespace {ns}")
         bridges |= {k.split("/", 2)[2] for k in self.ctx.recorded_keys("local/bridge/")}
         if self.ctx.cluster_id:
-            bridges |= {netns.bridge_name(f"{self.ctx.cluster_id}/{k}") for k in self._recorded_subnets()}
+            # Without state (destroy -f), the spec's subnets still name the bridges: delete_nodes has
+            # already removed the registry entries that would otherwise list them.
+            subnets = self._recorded_subnets() | {
+                LocalSettings.model_validate(p.settings).subnet for p in pools} - {""}
+            bridges |= {netns.bridge_name(f"{self.ctx.cluster_id}/{k}") for k in subnets}
         for bridge in sorted(bridges):
             if netns.link_exists(bridge) and not netns.bridge_ports(bridge):
                 netns.delete_bridge(bridge)

@@ -723,6 +723,8 @@ def test_strict_layer_enforces_the_reference(moto: str) -> None:
     tag["Tags"] = [{"Key": "k" * 128, "Value": "v" * 257}]
     assert client_error(lambda: ec2.create_vpc(CidrBlock="10.8.0.0/16", TagSpecifications=[tag])) \
         == "InvalidParameterValue"
+    tag["Tags"] = [{"Key": "k" * 128, "Value": "v' \u00e9" * 64}]  # at the limits; any characters
+    assert client_error(lambda: ec2.create_vpc(CidrBlock="10.8.0.0/16", TagSpecifications=[tag])) == ""
     # A referenced prefix list weighs its MaxEntries against the quota (a fresh group: 59 + 2 > 60).
     sg2 = ec2.create_security_group(GroupName="g2", Description="d", VpcId=vpc)["GroupId"]
     pl = ec2.create_managed_prefix_list(PrefixListName="p", MaxEntries=2, AddressFamily="IPv4")["PrefixList"]
@@ -893,6 +895,9 @@ def test_cli_destroy_without_state_chooses_by_id(aws_cli: tuple[Dcx, list[str]],
         mine, theirs = cli.state("awsdup")["id"], other.state("awsdup")["id"]
         theirs_before = tagged_leftovers(moto, theirs, "dcx:cluster-id")
         assert mine != theirs and theirs_before
+        # With its state, a home destroys its own cluster only: another id is refused.
+        r = cli.run("cluster", "destroy", "-f", str(spec), "--yes", "--cluster-id", theirs)
+        assert r.returncode == 2 and f"is cluster {mine}, not {theirs}" in r.stderr, r.stderr
         shutil.rmtree(cli.home / "clusters" / "awsdup")
 
         r = cli.run("cluster", "destroy", "-f", str(spec), "--yes")

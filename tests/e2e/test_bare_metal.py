@@ -101,7 +101,7 @@ def test_ansible_inventory_to_swarm_and_back(rack: Lab, tmp_path: Path) -> None:
         logs = list((tmp_path / "home" / "clusters" / "rack" / "logs").glob("*.log"))
         assert logs and not any(SUDO_PASSWORD in p.read_text() for p in logs)
         status = cli.json("cluster", "status", "rack")
-        assert status["healthy"] is True, status
+        assert status["healthy"] is True, json.dumps(status)
         assert {n["name"]: n["role"] for n in status["nodes"]} == {
             "mgr": "control", "wpw": "worker", "10.214.20.21": "worker", "10.214.20.22": "worker"}
         labels = cli.run("node", "ssh", "rack", "mgr", "--",

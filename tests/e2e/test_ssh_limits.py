@@ -3,12 +3,17 @@ node): a 12-node create, destroy, and create again, each converging."""
 
 from __future__ import annotations
 
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import paramiko
 import pytest
 
-from tests.testbed.local import Dcx, leftovers, registry_entries
+from dcx import netns
+from dcx.bootstrap.ssh import Connection, HostKeyStore, Target
+from tests.testbed.lab import Lab
+from tests.testbed.local import Dcx, leftovers, registry_entries, skip_without_namespace_nodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -62,3 +67,30 @@ def test_twelve_nodes_on_hardened_sshd_create_destroy_create(dcx_cli: tuple[Dcx,
         r = cli.run("cluster", "destroy", name, "--yes")
         assert r.returncode == 0, r.stderr
         assert leftovers(cluster_id, name) == []
+
+
+def test_commands_and_uploads_share_one_session_on_a_real_hardened_sshd(caplog: pytest.LogCaptureFixture) -> None:
+    """Against OpenSSH itself (MaxSessions 1): commands and SFTP uploads from 8 threads on one connection,
+    then 20 commands one after another. sshd frees a closed session a loop turn after the client's CLOSE,
+    so back-to-back opens are refused unless dcx orders them after it; every one must succeed."""
+    skip_without_namespace_nodes()
+    with Lab("limits") as lab:
+        lab.network("lan", "10.214.70.0/24", operator_ip="10.214.70.1")
+        lab.host("hard", "lan", "10.214.70.10", sshd=netns.HARDENED_SSHD)
+        conn = Connection(Target(name="hard", host="10.214.70.10", key_files=[str(lab.key)], agent=False,
+                                 booting=False), HostKeyStore({}, lambda: None))
+        try:
+            def work(i: int) -> str:
+                conn.upload(f"payload {i}\n".encode(), f"/root/dcx-limits-{i}", 0o600)
+                return conn.run(f"cat /root/dcx-limits-{i}; stat -c %a /root/dcx-limits-{i}", check=True).stdout
+
+            caplog.set_level(logging.DEBUG, logger="dcx")
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                assert list(pool.map(work, range(8))) == [f"payload {i}\n600\n" for i in range(8)]
+            assert conn._gate.limit == 1  # learned from the real sshd's refusal
+            refused = caplog.text.count("session refused (ChannelException(2")
+            assert refused >= 1  # sshd did refuse (code 2), and dcx waited instead of failing
+            assert [conn.run(f"echo {i}").stdout for i in range(20)] == [f"{i}\n" for i in range(20)]
+            assert caplog.text.count("session refused") == refused  # back to back: no refusal once it knows
+        finally:
+            conn.close()

@@ -19,6 +19,14 @@ and the real azure-identity/msal credential flow, served over TLS on 127.0.0.1.
   ARM; deleting something still in use is refused as Azure does (400 NicInUse,
   PublicIPAddressCannotBeDeleted, InUseNetworkSecurityGroupCannotBeDeleted, InUseSubnetCannotBeDeleted;
   409 OperationNotAllowed for an attached disk).
+- Reference rules, each named beside its code: resource names per type (length, characters, first and
+  last character), tags (at most 50; names up to 512 characters without < > % & backslash ? /, values up
+  to 256), a Linux computerName; a NIC left by its deleted VM (deleteOption Detach, the default) is
+  reserved for it for 180 s (400 NicReservedForAnotherVm; `nic_reservation` shortens it in tests),
+  while deleteOption Delete removes the NIC (and its public IP when that says Delete) with the VM;
+  a namespace the subscription has not registered answers 409 MissingSubscriptionRegistration until
+  `POST /subscriptions/S/providers/NS/register` (`unregister()`, `may_register`). Tokens are
+  JWT-shaped with `appid`, `oid` and `tid` claims, as Entra's are.
 - Test controls: `throttle_next(n)` answers the next n requests with 429 + Retry-After;
   `gate_vm_creates(n)` keeps VM creations InProgress until n VM PUTs have arrived (a client that waits
   for each VM before starting the next gets its VM operation Failed instead); `events` lists VM

@@ -3,9 +3,12 @@ client (pointed at it with `client_options={"api_endpoint": fake.url}`).
 
 State lives in memory. Requests the real API would reject by shape are rejected the same way (400
 with an `errors[].reason`), duplicates give 409 alreadyExists, a network still used by subnetworks,
-firewalls or instances gives 400 resourceInUseByAnotherResource. Mutations return an Operation that
-is RUNNING and becomes DONE at its next get/wait; a `requestId` seen before returns the same
-operation. `fail_next(n, status)` answers the next n requests with 429/503. `on_insert`/`on_delete`
+firewalls or instances gives 400 resourceInUseByAnotherResource. Each rule names its reference beside
+it: resource names (RFC 1035, at most 63), labels (charset, 63 characters, at most 64), boot disk types
+per machine series (the default pd-standard is refused by C3/C3D/H3 and the 4th generation), request
+ids (a UUID; replayed for 60 minutes, then forgotten: `advance()` moves the fake's clock). Mutations
+return an Operation that is RUNNING and becomes DONE at its next get/wait.
+`fail_next(n, status)` answers the next n requests with 429/503. `on_insert`/`on_delete`
 hooks see an instance when it starts RUNNING and when it is gone (tests boot namespace hosts there).
 
 Authentication: `credentials_file()` writes a service-account key whose token_uri is this fake's

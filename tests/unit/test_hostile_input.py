@@ -127,6 +127,10 @@ CASES = [
     Case("inline-host-shell", plan(), f"{SPEC}:9: spec.pools[0].ssh.hosts[0]: host 'mgr;touch /tmp/x'",
          {"cluster.yaml": spec_text("  pools:\n    - name: c\n      role: control\n      provider: ssh\n"
                                     "      ssh: {hosts: [{name: 'mgr;touch /tmp/x', address: 127.0.0.1}]}\n")}),
+    Case("inline-host-twice", create(), f"{SPEC}:9: spec.pools[0].ssh.hosts: hosts listed twice: h1",
+         {"cluster.yaml": spec_text("  pools:\n    - name: c\n      role: control\n      provider: ssh\n"
+                                    "      ssh: {hosts: [{name: h1, address: 127.0.0.1, port: 1},"
+                                    " {name: h1, address: 127.0.0.2, port: 1}]}\n")}),
     # --- inventories: located at the inventory's line and at the spec's ------------------------------
     Case("inventory-host-semicolon", create(),
          f"{SPEC}:6: spec.pools[0].ssh.inventory: {INV}:2: host mgr;touch${{IFS}}/tmp/dcx-h3-pwned: "
@@ -153,6 +157,9 @@ CASES = [
          {"cluster.yaml": spec_text(ssh_pool()), "hosts.ini": "[all]\nweb dcx_mesh_endpoint=1.2.3.4:x\n"}),
     Case("inventory-not-utf8", plan(), f"{SPEC}:6: spec.pools[0].ssh.inventory: {INV}: not UTF-8 text",
          {"cluster.yaml": spec_text(ssh_pool()), "hosts.ini": b"[all]\nh\xe9te\n"}),
+    Case("inventory-count-mismatch", create(), f"{SPEC}:6: spec.pools[0].count: is 3 but the pool's inventory has "
+         "1 hosts", {"cluster.yaml": spec_text(ssh_pool().replace("provider: ssh", "count: 3, provider: ssh")),
+                     "hosts.ini": "[all]\nh1 ansible_host=127.0.0.1 ansible_port=1\n"}),
     Case("inventory-missing", create(), f"{SPEC}:6: spec.pools[0].ssh.inventory: {INV}: inventory file not found",
          {"cluster.yaml": spec_text(ssh_pool())}),
     # --- typos and messages ----------------------------------------------------------------------------

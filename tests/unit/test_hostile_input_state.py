@@ -16,7 +16,7 @@ import pytest
 from dcx import access
 from dcx.errors import DcxError
 from dcx.spec import load
-from dcx.state import ClusterState, DamagedState, StateStore
+from dcx.state import ClusterState, DamagedState, StateStore, ensure_private_dir
 
 TIMEOUT = 20
 
@@ -162,6 +162,17 @@ def test_every_directory_dcx_makes_is_0700_and_every_file_0600(tmp_path: Path) -
     for f in (cdir.state_file, cdir.private_key, cdir.public_key_file):
         assert mode(f) == 0o600, f
     assert mode(tmp_path) == 0o755  # a directory dcx did not make keeps its mode
+
+
+def test_a_private_tree_is_made_private_from_its_root_down(tmp_path: Path) -> None:
+    """As the local provider's registry uses it: /run/dcx/local with /run/dcx dcx's own, even when an
+    earlier version made /run/dcx 0755; the directory above stays as it is."""
+    run = tmp_path / "run"
+    (run / "dcx").mkdir(parents=True)
+    os.chmod(run, 0o755)
+    os.chmod(run / "dcx", 0o755)
+    ensure_private_dir(run / "dcx" / "local", run / "dcx")
+    assert (mode(run), mode(run / "dcx"), mode(run / "dcx" / "local")) == (0o755, 0o700, 0o700)
 
 
 def test_plan_of_a_new_cluster_writes_nothing(tmp_path: Path) -> None:

@@ -40,9 +40,9 @@ def test_parse_facts() -> None:
 
 
 @pytest.mark.parametrize(("os_id", "like", "family", "expected"), [
-    ("debian", "", "debian", ["export DEBIAN_FRONTEND=noninteractive", "apt-get update -q",
+    ("debian", "", "debian", ["export DEBIAN_FRONTEND=noninteractive", "dpkg --configure -a", "apt-get update -q",
                               "apt-get install -y -q docker.io"]),
-    ("ubuntu", "debian", "debian", ["export DEBIAN_FRONTEND=noninteractive", "apt-get update -q",
+    ("ubuntu", "debian", "debian", ["export DEBIAN_FRONTEND=noninteractive", "dpkg --configure -a", "apt-get update -q",
                                     "apt-get install -y -q docker.io"]),
     ("fedora", "", "rhel", ["dnf install -y moby-engine"]),
     ("amzn", "centos rhel fedora", "rhel", ["yum install -y docker"]),
@@ -128,3 +128,20 @@ def test_a_zombie_is_not_running() -> None:
         assert subprocess.run(["sh", "-c", f"{RUNNING_FUNCTION}; running {child.pid} sleep"]).returncode == 1
     finally:
         child.wait()
+
+
+@pytest.mark.parametrize(("facts", "needed"), [
+    ("docker_bin=/usr/sbin/dockerd\nwg_bin=/usr/bin/wg\nwg_kernel=1\n", False),
+    ("docker_bin=\nwg_bin=\nwg_kernel=1\n", True),
+    # The binaries are unpacked but dpkg was interrupted: the install is not done.
+    ("docker_bin=/usr/sbin/dockerd\nwg_bin=/usr/bin/wg\nwg_kernel=1\npackages_interrupted=1\n", True),
+])
+def test_install_is_done_only_when_the_package_manager_finished(facts: str, needed: bool) -> None:
+    from types import SimpleNamespace
+
+    from dcx.bootstrap.mesh import InstallWireGuard
+    from dcx.bootstrap.runtime import InstallRuntime
+
+    host = SimpleNamespace(facts=parse_facts(facts))
+    assert InstallRuntime().needs_run(None, host) is needed  # type: ignore[arg-type]
+    assert InstallWireGuard().needs_run(None, host) is needed  # type: ignore[arg-type]
