@@ -1,6 +1,6 @@
 """Fleet operations: one shell command on many nodes of a cluster at once (`dcx node run`).
 
-Nodes are reached exactly as bootstrap reaches them (dcx.engine.build_context: the cluster key or the
+Nodes are reached exactly as bootstrap reaches them (dcx.lifecycle.session.build_context: the cluster key or the
 inventory's keys, jump hosts, recorded host keys, sudo rules), one connection per node, all at once
 on a bounded pool. Each node's result is kept whole (exit code, stdout, stderr, duration); identical
 results can be folded into one group, as `ansible -o` users read them.
@@ -133,15 +133,15 @@ def connections(name: str, sel: Selection, *, parallel: int, become_password: st
     """The selected nodes of a recorded cluster as bootstrap hosts (not yet connected), and a run log
     in the cluster's logs directory. No cluster lock: reading nodes must work while a `create` hangs.
     `sudo`: commands will run through sudo, so inventories' sudo passwords are read."""
-    from dcx.engine import Options, Session, _null_reporter, _spec_stub, build_context
+    from dcx.lifecycle.session import Options, Session, build_context, null_reporter, spec_stub
     from dcx.log import start_run_log, stop_run_log
 
     store = store or StateStore()
-    session = Session(store, name, log_as, _null_reporter())
+    session = Session(store, name, log_as, null_reporter())
     state = session.cdir.load()
     session.state = state
     chosen = select_nodes(state, sel)
-    spec = _spec_stub(state)
+    spec = spec_stub(state)
     handler = start_run_log(session.cdir.logs_dir / f"{now_iso().replace(':', '')}-{log_as.split()[0]}.log")
     log.info("dcx %s on cluster %s: %d node(s) (%s)", log_as, name, len(chosen), sel.describe())
     try:

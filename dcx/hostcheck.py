@@ -58,7 +58,7 @@ def _one_line(exc: BaseException) -> str:
 
 def check(path: str | Path, group: str | None, parallel: int = 20, timeout: float = 15.0,
           become_password: str | None = None, key_passphrase: str | None = None) -> list[dict[str, Any]]:
-    from dcx.engine import target_for_endpoint
+    from dcx.lifecycle.session import target_for_endpoint
 
     store = _KeyFile()
     keys = HostKeyStore(store.keys, store.save)

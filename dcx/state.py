@@ -8,6 +8,10 @@ Layout under $DCX_HOME (default: the platform's user data dir):
     clusters/NAME/providers/P/   each provider's own files
 Directories are 0700. The lock is an flock: it dies with its process, so a killed run never leaves
 the cluster locked; lock.json is only there to name the holder in the message.
+
+With a bucket store (`--state s3://...`, dcx.stores) the same layout lives in a private working
+directory under DCX_HOME/cache/, mirrored to the bucket: the bucket's lock object is taken first, the
+cluster's objects are pulled, and every save and the end of the command push what changed.
 """
 
 from __future__ import annotations
@@ -184,10 +188,21 @@ def migrate(data: dict[str, Any], where: str) -> dict[str, Any]:
 class ClusterDir:
     """One cluster's directory and everything in it."""
 
-    def __init__(self, root: Path, name: str) -> None:
+    def __init__(self, root: Path, name: str, mirror: Any = None) -> None:
         self.name = check_cluster_name(name)
         self.root = root
         self.path = root / "clusters" / name
+        self.mirror = mirror  # dcx.stores.mirror.Mirror of a bucket store, else None
+
+    def _pulled(self) -> None:
+        """A bucket store's objects of this cluster, downloaded once per run (a locked run pulls again)."""
+        if self.mirror is not None:
+            self.mirror.pull_once(self.name, self.path)
+
+    def _need_secret(self, rel: str) -> None:
+        if self.mirror is not None:
+            self._pulled()
+            self.mirror.need_secret(self.name, rel)
 
     @property
     def state_file(self) -> Path:
@@ -199,6 +214,7 @@ class ClusterDir:
 
     @property
     def private_key(self) -> Path:
+        self._need_secret("ssh/id_ed25519")  # a bucket store without DCX_STATE_KEY: one line, exit 2
         return self.ssh_dir / "id_ed25519"
 
     @property
@@ -214,14 +230,22 @@ class ClusterDir:
         return self.path / "logs"
 
     def provider_dir(self, provider: str) -> Path:
+        if self.mirror is not None:
+            # A bucket store's clusters keep provider files on this machine, never in the bucket: they are
+            # machines' own disks (the local provider's nodes), not state. One place per store and name,
+            # whatever DCX_HOME a run uses, so another runner here finds the same nodes.
+            path = self.mirror.machine_root / self.name / provider
+            return ensure_private_dir(path, self.mirror.machine_root) if self.path.is_dir() else path
         path = self.path / "providers" / provider
         # Planning a cluster that does not exist yet writes nothing: the directory comes with the state.
         return ensure_private_dir(path, self.root / "clusters") if self.path.is_dir() else path
 
     def secret_file(self, name: str) -> Path:
+        self._need_secret(f"secrets/{name}")
         return ensure_private_dir(self.path / "secrets") / name
 
     def exists(self) -> bool:
+        self._pulled()
         return self.state_file.exists()
 
     def create_dirs(self) -> None:
@@ -229,6 +253,7 @@ class ClusterDir:
             ensure_private_dir(d, self.root / "clusters")
 
     def load(self) -> ClusterState:
+        self._pulled()
         try:
             text = self.state_file.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -272,29 +297,51 @@ class ClusterDir:
         state.updated_at = now_iso()
         self.create_dirs()
         atomic_write(self.state_file, state.to_json())
+        if self.mirror is not None:
+            self.mirror.push(self.name, self.path)
 
     @contextlib.contextmanager
     def lock(self, command: str) -> Iterator[None]:
         """Hold the cluster's exclusive lock; fail at once (exit 3) naming the holder. A command that
         ends without having written state (an unknown name, input refused) leaves no directory behind."""
-        made = [d for d in reversed(self.path.parents) if not d.exists()] + ([] if self.path.exists() else [self.path])
-        self.create_dirs()
-        try:
-            with self._locked(command):
-                yield
-        finally:
-            if self.path in made and not self.state_file.exists() and self.path.is_dir():
-                import shutil
+        remote = (self.mirror.locked(self.name, self.path, command) if self.mirror is not None
+                  else contextlib.nullcontext())
+        with remote:  # a bucket store: its lock first, then its objects pulled; pushed when done
+            made = ([d for d in reversed(self.path.parents) if not d.exists()]
+                    + ([] if self.path.exists() else [self.path]))
+            self.create_dirs()
+            try:
+                with self._locked(command):
+                    yield
+            finally:
+                if self.path in made and not self.state_file.exists() and self.path.is_dir():
+                    import shutil
 
-                shutil.rmtree(self.path, ignore_errors=True)
-                for d in reversed(made[:-1]):  # DCX_HOME, clusters/ (...) when this made them, if still empty
-                    with contextlib.suppress(OSError):
-                        d.rmdir()
+                    shutil.rmtree(self.path, ignore_errors=True)
+                    for d in reversed(made[:-1]):  # DCX_HOME, clusters/ (...) when this made them, if still empty
+                        with contextlib.suppress(OSError):
+                            d.rmdir()
+
+    def remove(self) -> None:
+        """The cluster is gone: its directory, and in a bucket store its objects (under the lock)."""
+        import shutil
+
+        if self.mirror is not None:
+            with self.mirror.locked(self.name, self.path, "destroy (removing state)"):
+                self.mirror.remove_objects(self.name)
+                shutil.rmtree(self.path, ignore_errors=True)  # before the lock's closing push
+            shutil.rmtree(self.mirror.machine_root / self.name, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.mirror.machine_root.rmdir()  # the store's, when no cluster of it is left here
+        if self.path.exists():
+            shutil.rmtree(self.path)
 
     @contextlib.contextmanager
     def _locked(self, command: str) -> Iterator[None]:
         info_file = self.path / "lock.json"
-        lock = filelock.FileLock(str(self.path / "lock"), timeout=0, mode=0o600)
+        from dcx.stores.lock import lock_timeout
+
+        lock = filelock.FileLock(str(self.path / "lock"), timeout=lock_timeout(), mode=0o600)
         try:
             lock.acquire()
         except filelock.Timeout:
@@ -361,15 +408,30 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 class StateStore:
-    def __init__(self, root: Path | None = None) -> None:
+    """Where clusters' state lives: `root` when given, else --state/DCX_STATE (a directory, or a bucket
+    mirrored through DCX_HOME/cache/), else DCX_HOME."""
+
+    def __init__(self, root: Path | None = None, url: str | None = None) -> None:
+        from dcx.stores import is_remote, open_mirror, parse_url, state_url
+
+        url = state_url() if url is None and root is None else (url or "")
+        self.mirror: Any = None
+        if url and is_remote(url):
+            self.mirror = open_mirror(url, dcx_home())
+            root = self.mirror.cache_root
+        elif url:
+            root = Path(parse_url(url).path)
         self.root = root or dcx_home()
+        self.url = url or str(self.root)
 
     def cluster(self, name: str) -> ClusterDir:
-        return ClusterDir(self.root, name)
+        return ClusterDir(self.root, name, self.mirror)
 
     def names(self) -> list[str]:
         """Clusters with a state file here (readable or not). Entries that could not be dcx's (names a
         cluster cannot have) are not listed."""
+        if self.mirror is not None:
+            return [n for n in self.mirror.names() if CLUSTER_NAME_RE.match(n) and len(n) <= CLUSTER_NAME_MAX]
         base = self.root / "clusters"
         if not base.is_dir():
             return []

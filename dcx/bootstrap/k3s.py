@@ -396,6 +396,36 @@ READYZ = kubectl("get", "--raw=/readyz")
 NODES_JSON = kubectl("get", "nodes", "-o", "json")
 
 
+ETCD_REMOVE = "etcd.k3s.cattle.io/remove"  # k3s member controller: remove this node's etcd member
+ETCD_REMOVED = "etcd.k3s.cattle.io/removed-node-name"  # ... and it has been removed
+
+
+def drain_command(node: str, timeout: float) -> str:
+    """Evict the node's pods (DaemonSets stay; emptyDir data goes with its pods; pods no controller
+    would recreate are deleted), bounded by kubectl's own timeout."""
+    return kubectl("drain", node, "--ignore-daemonsets", "--delete-emptydir-data", "--force",
+                   f"--timeout={timeout:.0f}s")
+
+
+def etcd_members(doc: dict[str, Any]) -> set[str]:
+    """Nodes whose etcd member is in the cluster: k3s labels its etcd servers, and marks a removed one."""
+    out = set()
+    for item in doc.get("items") or []:
+        meta = item.get("metadata", {})
+        if (meta.get("labels") or {}).get("node-role.kubernetes.io/etcd") == "true" \
+                and not (meta.get("annotations") or {}).get(ETCD_REMOVED):
+            out.add(meta.get("name", ""))
+    return out
+
+
+def annotation(api: Host, node: str, key: str) -> str:
+    out = api.run(kubectl("get", "node", node, "-o", "json"), timeout=60, check=True, what=f"reading node {node}")
+    try:
+        return str((json.loads(out.stdout or "{}").get("metadata", {}).get("annotations") or {}).get(key, ""))
+    except ValueError:
+        raise OperationFailed(f"kubectl get node {node} printed no JSON") from None
+
+
 def label_commands(node: dict[str, Any], labels: dict[str, str], taints: list[str]) -> list[str]:
     """kubectl commands that bring one node's labels and taints to what the spec says (node-label and
     node-taint in config.yaml apply only when a node registers). Labels and taints dcx set earlier and
@@ -950,26 +980,46 @@ class K3sEngine(ClusterEngine):
         api = api or api_host(ctx)
         return nodes_health(get_nodes(api), [h.name for h in ctx.hosts])
 
-    def remove_nodes(self, ctx: RunContext, leaving: list[Host]) -> None:
-        staying = [h for h in ctx.control_hosts if h not in leaving]
-        if not staying:
+    control_noun = "etcd members"
+
+    def control_host(self, ctx: RunContext, exclude: list[Host]) -> Host:
+        if not [h for h in ctx.control_hosts if h not in exclude]:
             raise OperationFailed("cannot remove every control node of a running cluster")
-        api = api_host(ctx, exclude=leaving)
-        # One at a time: deleting a server's node removes its etcd member; quorum is kept between steps.
-        for h in leaving:
-            log.info("removing %s from the k3s cluster", h.name)
-            drain = api.run(kubectl("drain", h.name, "--ignore-daemonsets", "--delete-emptydir-data", "--force",
-                                    "--timeout=120s"), timeout=180)
-            if not drain.ok:
-                log.info("%s: drain did not finish (%s); deleting it anyway", h.name, drain.tail(3))
-            api.run(kubectl("delete", "node", h.name, "--ignore-not-found"), timeout=180, check=True,
-                    what=f"deleting node {h.name}")
-            try:
-                h.run(reset_script(), timeout=600, check=True, what="removing k3s")
-            except Exception as exc:  # noqa: BLE001 - the machine may be gone already
-                log.info("%s: k3s removal failed (%s)", h.name, getattr(exc, "message", exc))
-            # It may have registered again between the delete and the uninstall.
-            api.run(kubectl("delete", "node", h.name, "--ignore-not-found"), timeout=180)
+        return api_host(ctx, exclude=exclude)
+
+    def control_members(self, ctx: RunContext, api: Host) -> set[str]:
+        return etcd_members(get_nodes(api))
+
+    def drain(self, ctx: RunContext, api: Host, host: Host) -> None:
+        log.info("draining %s", host.name)
+        api.run(kubectl("cordon", host.name), timeout=60)
+        drain = api.run(drain_command(host.name, self.drain_timeout), timeout=self.drain_timeout + 60)
+        if not drain.ok:
+            ctx.reporter.note(f"warning: {host.name} did not drain within {self.drain_timeout:.0f}s "
+                              f"({drain.tail(3)}); removing it anyway")
+
+    def demote(self, ctx: RunContext, api: Host, host: Host) -> None:
+        # k3s's etcd member controller removes the member of a node annotated etcd.k3s.cattle.io/remove=true
+        # and then records etcd.k3s.cattle.io/removed-node-name on it (k3s pkg/etcd/member_controller.go).
+        log.info("removing %s's etcd member", host.name)
+        api.run(kubectl("annotate", "node", host.name, f"{ETCD_REMOVE}=true", "--overwrite"), timeout=60, check=True,
+                what=f"asking k3s to remove {host.name}'s etcd member")
+        deadline = time.monotonic() + 120
+        while not annotation(api, host.name, ETCD_REMOVED):
+            if time.monotonic() > deadline:
+                raise OperationFailed(f"k3s did not remove {host.name}'s etcd member within 120s",
+                                      hint="see `kubectl get node -o yaml` and the k3s log on the servers; re-run")
+            time.sleep(2.0)
+
+    def remove(self, ctx: RunContext, api: Host, host: Host) -> None:
+        api.run(kubectl("delete", "node", host.name, "--ignore-not-found"), timeout=180, check=True,
+                what=f"deleting node {host.name}")
+        try:
+            host.run(reset_script(), timeout=600, check=True, what="removing k3s")
+        except Exception as exc:  # noqa: BLE001 - the machine may be gone already
+            log.info("%s: k3s removal failed (%s)", host.name, getattr(exc, "message", exc))
+        # It may have registered again between the delete and the uninstall.
+        api.run(kubectl("delete", "node", host.name, "--ignore-not-found"), timeout=180)
 
     def reset_phases(self, ctx: RunContext, purge: bool) -> list[Phase]:
         return [ResetK3s()]

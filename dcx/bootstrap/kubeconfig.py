@@ -30,6 +30,7 @@ def _yaml() -> Any:
 
     y = YAML(typ="rt")  # round trip: the user's comments and ordering survive a merge
     y.default_flow_style = False
+    y.preserve_quotes = True  # the user's quoted URLs in flow mappings must stay quoted for YAML 1.1 readers
     return y
 
 
@@ -78,7 +79,11 @@ def rename(k3s_yaml: str, context: str, server: str) -> dict[str, Any]:
             raise OperationFailed(f"the kubeconfig k3s wrote has {len(data.get(section) or [])} {section}, "
                                   "expected 1")
     data["clusters"][0]["name"] = context
-    data["clusters"][0]["cluster"]["server"] = server
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+    # Quoted: k3s's kubeconfig may hold the cluster as a flow mapping, where YAML 1.1 parsers
+    # (PyYAML, libyaml: kubectl's client libraries) refuse an unquoted URL with ':' in it.
+    data["clusters"][0]["cluster"]["server"] = DoubleQuotedScalarString(server)
     data["users"][0]["name"] = context
     data["contexts"][0]["name"] = context
     data["contexts"][0]["context"]["cluster"] = context

@@ -83,7 +83,9 @@ def settled_swarm_info(host: Host, timeout: float = PENDING_WAIT) -> dict[str, A
     deadline = time.monotonic() + timeout
     while True:
         info = swarm_info(host)
-        if info.get("LocalNodeState") != "pending" or time.monotonic() > deadline:
+        # No NodeID: the node never got its certificate, so this is a join that has not completed, not a
+        # member reconnecting; there is nothing to wait for.
+        if info.get("LocalNodeState") != "pending" or not info.get("NodeID") or time.monotonic() > deadline:
             return info
         time.sleep(1.0)
 
@@ -101,6 +103,64 @@ def find_manager(ctx: RunContext) -> Host | None:
         if is_manager(h.data.get("swarm", {})):
             return h
     return None
+
+
+def membership(info: dict[str, Any], member_ids: set[str], our_addresses: set[str]) -> str:
+    """A node's swarm membership as it is: none | member (of this cluster's swarm) | pending (a join that
+    never finished, or a member that cannot reach its managers) | error | locked (autolock, daemon
+    restarted) | stale (a membership of this cluster the swarm no longer has: it was removed, or its
+    managers left) | foreign (a member of another swarm). `docker info` .Swarm: LocalNodeState, NodeID,
+    RemoteManagers (Engine API SwarmInfo); member_ids: the node IDs this cluster's manager lists (empty
+    when no manager is known); our_addresses: the cluster's nodes' swarm addresses. "unreachable": a
+    member (pending or error) while no manager answers, which is not reset (see below)."""
+    state = info.get("LocalNodeState") or "inactive"
+    if state == "inactive":
+        return "none"
+    if state == "locked":
+        return state
+    if state != "active":  # pending | error
+        # A node that was a member (it has a NodeID) while no manager of this cluster answers may be a
+        # manager of a swarm that lost its quorum: leaving would throw its state away.
+        return "unreachable" if info.get("NodeID") and not member_ids else state
+    if info.get("NodeID") in member_ids:
+        return "member"
+    managers = {str(r.get("Addr", "")).rsplit(":", 1)[0] for r in info.get("RemoteManagers") or []}
+    return "stale" if not managers or managers & our_addresses else "foreign"
+
+
+class SettleMembership(Phase):
+    """Every node is brought to none or member before anything joins: a pending join, an error or a
+    stale membership of this cluster leaves (and joins again below); a locked node or a member of
+    another swarm is refused, saying what to do."""
+
+    title = "Settle swarm membership"
+
+    def prepare(self, ctx: RunContext) -> None:
+        manager = find_manager(ctx)
+        self._members = {n["ID"] for n in swarm_nodes(manager)} if manager is not None else set()
+        self._addresses = {engine_address(ctx, h) for h in ctx.hosts} | {h.node.private_address for h in ctx.hosts}
+
+    def needs_run(self, ctx: RunContext, host: Host) -> bool:
+        return membership(host.data.get("swarm", {}), self._members, self._addresses) not in ("none", "member")
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        info = host.data.get("swarm", {})
+        kind = membership(info, self._members, self._addresses)
+        if kind == "locked":
+            raise OperationFailed(f"{host.name}: its swarm is locked (autolock; its daemon restarted): unlock it "
+                                  "(`docker swarm unlock`) or reset it (`docker swarm leave --force`), then re-run")
+        if kind == "unreachable":
+            raise OperationFailed(f"{host.name} is a swarm member that cannot reach its managers ("
+                                  f"{info.get('LocalNodeState')}): bring them back, or on a manager run "
+                                  "`docker swarm init --force-new-cluster` (keeps the swarm) or `docker swarm leave "
+                                  "--force` (discards it), then re-run")
+        if kind == "foreign":
+            managers = ", ".join(sorted(str(r.get("Addr")) for r in info.get("RemoteManagers") or []))
+            raise OperationFailed(f"{host.name} is a member of another swarm (managers {managers}): take it out "
+                                  "of that swarm (`docker swarm leave` on it) or out of the spec, then re-run")
+        log.info("%s: swarm membership is %s; leaving so that it joins again", host.name, kind)
+        host.run("docker swarm leave --force", timeout=120, check=True, what="docker swarm leave")
+        host.data["swarm"] = swarm_info(host)
 
 
 class InitSwarm(Phase):
@@ -195,6 +255,60 @@ def swarm_nodes(manager: Host) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
+def nodes_by_name(manager: Host) -> dict[str, dict[str, Any]]:
+    """The swarm's nodes by their dcx.node label."""
+    out = {}
+    for n in swarm_nodes(manager):
+        label = (n.get("Spec", {}).get("Labels") or {}).get(LABEL_NODE)
+        if label:
+            out[label] = n
+    return out
+
+
+def node_tasks(manager: Host, node_id: str) -> list[dict[str, Any]]:
+    """A node's tasks (history included), each with `running`: its current state is Running."""
+    out = manager.run(cmd("docker", "node", "ps", node_id, "--format", "{{json .}}"), timeout=60, check=True,
+                      what="docker node ps").stdout
+    tasks = [json.loads(line) for line in out.splitlines() if line.strip()]
+    for task in tasks:
+        task["running"] = str(task.get("CurrentState", "")).startswith("Running")
+    return tasks
+
+
+def task_service(task_name: str) -> str:
+    """`web.2` (a replicated task) or `agent.<node id>` (a global one) -> `web`, `agent`; history rows
+    are printed as ` \\_ web.2`."""
+    return task_name.strip(" \\_").rsplit(".", 1)[0]
+
+
+def services_short(manager: Host, names: set[str]) -> list[str]:
+    """Of the named services, those running fewer tasks than they want (`docker service ls` Replicas
+    "running/desired")."""
+    if not names:
+        return []
+    out = manager.run(cmd("docker", "service", "ls", "--format", "{{.Name}} {{.Replicas}}"), timeout=60, check=True,
+                      what="docker service ls").stdout
+    short = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in names and "/" in parts[1]:
+            running, desired = parts[1].split("/", 1)
+            if int(running) < int(desired):
+                short.append(parts[0])
+    return short
+
+
+def wait_for(predicate: Any, timeout: float, what: str, raise_on_timeout: bool = True) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            if raise_on_timeout:
+                raise OperationFailed(f"timed out after {timeout:.0f}s waiting for {what}")
+            return False
+        time.sleep(1.0)
+    return True
+
+
 def desired_labels(ctx: RunContext, host: Host) -> dict[str, str]:
     labels = {LABEL_NODE: host.name, "dcx.pool": host.node.pool, "dcx.provider": host.node.provider,
               "dcx.cluster": ctx.cluster_name}
@@ -261,7 +375,8 @@ class LeaveSwarm(Phase):
     title = "Leave the swarm"
 
     def needs_run(self, ctx: RunContext, host: Host) -> bool:
-        return is_active(swarm_info(host))
+        # Any membership at all: a pending join or an error state stays until the node leaves.
+        return (swarm_info(host).get("LocalNodeState") or "inactive") != "inactive"
 
     def run(self, ctx: RunContext, host: Host) -> None:
         host.run("docker swarm leave --force", timeout=120, check=True, what="docker swarm leave")
@@ -274,7 +389,8 @@ class SwarmEngine(ClusterEngine):
         if len(ctx.control_hosts) % 2 == 0:
             ctx.reporter.note(f"warning: {len(ctx.control_hosts)} control nodes: swarm's raft needs an odd "
                               "number to tolerate failures (3 tolerate 1, 5 tolerate 2)")
-        return [GatherSwarmState(), InitSwarm(), JoinManagers(), JoinWorkers(), LabelNodes(), VerifySwarm()]
+        return [GatherSwarmState(), SettleMembership(), InitSwarm(), JoinManagers(), JoinWorkers(), LabelNodes(),
+                VerifySwarm()]
 
     def health(self, ctx: RunContext, manager: Host | None = None) -> dict[str, NodeHealth]:
         manager = manager or self._any_manager(ctx)
@@ -307,9 +423,9 @@ class SwarmEngine(ClusterEngine):
                        "engine_version": n.get("Description", {}).get("Engine", {}).get("EngineVersion", "")})
         return out
 
-    def _any_manager(self, ctx: RunContext) -> Host:
+    def _any_manager(self, ctx: RunContext, among: list[Host] | None = None) -> Host:
         errors = []
-        for h in ctx.control_hosts:
+        for h in ctx.control_hosts if among is None else among:
             try:
                 if is_manager(swarm_info(h)):
                     return h
@@ -317,27 +433,57 @@ class SwarmEngine(ClusterEngine):
                 errors.append(f"{h.name}: {exc}")
         raise OperationFailed("no reachable swarm manager" + (": " + "; ".join(errors) if errors else ""))
 
-    def remove_nodes(self, ctx: RunContext, leaving: list[Host]) -> None:
-        manager = self._any_manager(ctx)
-        if manager in leaving:
-            staying = [h for h in ctx.control_hosts if h not in leaving]
-            if not staying:
-                raise OperationFailed("cannot remove every control node of a running cluster")
-        by_name = {(n.get("Spec", {}).get("Labels") or {}).get(LABEL_NODE): n for n in swarm_nodes(manager)}
-        for h in leaving:
-            n = by_name.get(h.name)
-            if n is None:
-                continue
-            if n.get("Spec", {}).get("Role") == "manager":
-                log.info("demoting %s before it leaves", h.name)
-                manager.run(cmd("docker", "node", "demote", n["ID"]), timeout=120, check=True,
-                            what="docker node demote")
-            try:
-                h.run("docker swarm leave --force", timeout=120)
-            except Exception as exc:  # noqa: BLE001 - the machine may be gone already; the entry is removed below
-                log.info("%s: leave failed (%s); removing its entry from the manager", h.name, exc)
-            manager.run(cmd("docker", "node", "rm", "--force", n["ID"]), timeout=120, check=True,
-                        what="docker node rm")
+    control_noun = "managers"
+
+    def control_host(self, ctx: RunContext, exclude: list[Host]) -> Host:
+        staying = [h for h in ctx.control_hosts if h not in exclude]
+        if not staying:
+            raise OperationFailed("cannot remove every control node of a running cluster")
+        return self._any_manager(ctx, among=staying)
+
+    def control_members(self, ctx: RunContext, api: Host) -> set[str]:
+        return {name for name, n in nodes_by_name(api).items() if n.get("Spec", {}).get("Role") == "manager"}
+
+    def demote(self, ctx: RunContext, api: Host, host: Host) -> None:
+        n = nodes_by_name(api).get(host.name)
+        if n is None:
+            return
+        log.info("demoting %s before it leaves", host.name)
+        api.run(cmd("docker", "node", "demote", n["ID"]), timeout=120, check=True, what="docker node demote")
+        # One at a time: the next change waits until raft has let this one go.
+        wait_for(lambda: not (nodes_by_name(api).get(host.name) or {}).get("ManagerStatus"), 60.0,
+                 f"{host.name} to leave the managers")
+
+    def drain(self, ctx: RunContext, api: Host, host: Host) -> None:
+        n = nodes_by_name(api).get(host.name)
+        if n is None:
+            return
+        services = {task_service(t["Name"]) for t in node_tasks(api, n["ID"]) if t["running"]}
+        api.run(cmd("docker", "node", "update", "--availability", "drain", n["ID"]), timeout=60, check=True,
+                what=f"draining {host.name}")
+        started = time.monotonic()
+        # A node that is down cannot report its tasks stopped: only their replacements are waited for.
+        reachable = n.get("Status", {}).get("State") == "ready"
+
+        def drained() -> bool:
+            running = [t["Name"] for t in node_tasks(api, n["ID"]) if t["running"]] if reachable else []
+            return not running and not services_short(api, services)
+
+        if wait_for(drained, self.drain_timeout, "", raise_on_timeout=False):
+            log.info("%s drained in %.1fs (%d service(s) rescheduled)", host.name, time.monotonic() - started,
+                     len(services))
+        else:
+            ctx.reporter.note(f"warning: {host.name} did not drain within {self.drain_timeout:.0f}s (tasks still "
+                              f"running there or not yet running elsewhere); removing it anyway")
+
+    def remove(self, ctx: RunContext, api: Host, host: Host) -> None:
+        n = nodes_by_name(api).get(host.name)
+        try:
+            host.run("docker swarm leave --force", timeout=120)
+        except Exception as exc:  # noqa: BLE001 - the machine may be gone already; the entry is removed below
+            log.info("%s: leave failed (%s); removing its entry from the manager", host.name, exc)
+        if n is not None:
+            api.run(cmd("docker", "node", "rm", "--force", n["ID"]), timeout=120, check=True, what="docker node rm")
 
     def reset_phases(self, ctx: RunContext, purge: bool) -> list[Phase]:
         return [LeaveSwarm()]

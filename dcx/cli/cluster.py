@@ -23,11 +23,12 @@ def create(
     ask_become_pass: bool = ASK_BECOME,
 ) -> None:
     """Create the cluster in FILE, or converge it to FILE (idempotent: re-run to resume)."""
-    from dcx import engine, spec
+    from dcx import spec
+    from dcx.lifecycle.apply import apply
 
     o = out(ctx)
     cluster_spec = spec.load(file)
-    result = engine.apply(cluster_spec, options(ctx, parallel=parallel, ssh_timeout=ssh_timeout,
+    result = apply(cluster_spec, options(ctx, parallel=parallel, ssh_timeout=ssh_timeout,
                                                 provision_only=provision_only,
                                                 become_password=become_password(ask_become_pass),
                                                 key_passphrase=key_passphrase()))
@@ -58,10 +59,11 @@ def create(
 @app.command()
 def plan(ctx: typer.Context, file: Path = typer.Option(..., "--file", "-f", dir_okay=False)) -> None:
     """Show what `create` would change. An unchanged, healthy cluster has an empty plan."""
-    from dcx import engine, spec
+    from dcx import spec
+    from dcx.lifecycle import preview
 
     o = out(ctx)
-    p = engine.plan(spec.load(file))
+    p = preview.plan(spec.load(file))
     if o.json:
         o.data(p.to_dict())
         return
@@ -77,10 +79,10 @@ def plan(ctx: typer.Context, file: Path = typer.Option(..., "--file", "-f", dir_
 @app.command()
 def status(ctx: typer.Context, name: str = typer.Argument(..., help="Cluster name.")) -> None:
     """Ask the cluster itself how every node is."""
-    from dcx import engine
+    from dcx.lifecycle.status import status as cluster_status
 
     o = out(ctx)
-    st = engine.status(name)
+    st = cluster_status(name)
     if o.json:
         o.data(st)
     else:
@@ -111,10 +113,10 @@ def mesh_cell(mesh: dict) -> str:
 @app.command("list")
 def list_(ctx: typer.Context) -> None:
     """The clusters recorded on this machine."""
-    from dcx import engine
+    from dcx.lifecycle.status import list_clusters
 
     o = out(ctx)
-    rows = engine.list_clusters()
+    rows = list_clusters()
     if o.json:
         o.data(rows)
         return
@@ -136,8 +138,9 @@ def destroy(
     """Remove every machine and resource of the cluster (ssh pools: reset the machines)."""
     from dataclasses import asdict
 
-    from dcx import engine, spec
+    from dcx import spec
     from dcx.errors import EXIT_BAD_INPUT
+    from dcx.lifecycle.destroy import SeveralClusters, destroy_cluster
     from dcx.state import StateStore
 
     o = out(ctx)
@@ -149,9 +152,9 @@ def destroy(
         raise typer.Exit(1)
     had_state = StateStore().cluster(target).exists()
     try:
-        removed = engine.destroy(name, cluster_spec, options(ctx, purge=purge, become_password=become_password(
+        removed = destroy_cluster(name, cluster_spec, options(ctx, purge=purge, become_password=become_password(
             ask_become_pass), key_passphrase=key_passphrase()), cluster_id=cluster_id)
-    except engine.SeveralClusters as exc:
+    except SeveralClusters as exc:
         # Several clusters share the name (a colleague's, say): list them, destroy none.
         o.error(exc.message, exc.hint)
         if o.json:

@@ -11,8 +11,8 @@ def reporter(ctx: typer.Context) -> PhaseReporter:
     return PhaseReporter(ctx.obj)
 
 
-def options(ctx: typer.Context, **kw: object):  # noqa: ANN201 - dcx.engine.Options, imported lazily
-    from dcx.engine import Options  # engine pulls in paramiko: only commands that connect pay for it
+def options(ctx: typer.Context, **kw: object):  # noqa: ANN201 - dcx.lifecycle.session.Options, imported lazily
+    from dcx.lifecycle.session import Options  # it pulls in paramiko: only commands that connect pay for it
 
     return Options(reporter=reporter(ctx), **kw)  # type: ignore[arg-type]
 

@@ -28,9 +28,10 @@ def _report(ctx: typer.Context, results: list[tuple[str, int, str]], what: str) 
 def load(ctx: typer.Context, name: str = typer.Argument(..., help="Cluster name."),
          file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A `docker save` tarball.")) -> None:
     """Load a `docker save` tarball on every node."""
-    from dcx import engine, images
+    from dcx import images
+    from dcx.lifecycle.run import run_on_nodes
 
-    _report(ctx, engine.run_on_nodes(name, images.load_command(), stdin=images.read_tarball(file)), "docker load")
+    _report(ctx, run_on_nodes(name, images.load_command(), stdin=images.read_tarball(file)), "docker load")
 
 
 @app.command("import")
@@ -40,8 +41,9 @@ def import_(ctx: typer.Context, name: str = typer.Argument(..., help="Cluster na
             busybox: bool = typer.Option(False, "--busybox", help="Build a ~1 MB busybox rootfs from this machine.")
             ) -> None:
     """Create an image from a root filesystem tarball on every node (`docker import`)."""
-    from dcx import engine, images
+    from dcx import images
     from dcx.errors import InputError
+    from dcx.lifecycle.run import run_on_nodes
 
     if busybox:
         data = images.busybox_rootfs()
@@ -49,4 +51,4 @@ def import_(ctx: typer.Context, name: str = typer.Argument(..., help="Cluster na
         data = images.read_tarball(file)
     else:
         raise InputError("give a rootfs tarball FILE or --busybox")
-    _report(ctx, engine.run_on_nodes(name, images.import_command(tag), stdin=data), "docker import")
+    _report(ctx, run_on_nodes(name, images.import_command(tag), stdin=data), "docker import")

@@ -7,6 +7,7 @@ cloud SDK: `dcx --help` stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import traceback
@@ -19,7 +20,7 @@ try:  # typer >= 0.22 carries its own copy of click; older ones use click itself
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click.exceptions import NoArgsIsHelpError, UsageError  # type: ignore[assignment]
-from dcx.cli import cluster, image, inventory_cmd, node, providers_cmd
+from dcx.cli import cluster, image, inventory_cmd, node, providers_cmd, state_cmd
 from dcx.cli.output import Output
 from dcx.errors import EXIT_BAD_INPUT, EXIT_FAILED, DcxError
 from dcx.log import redact
@@ -38,6 +39,7 @@ app.add_typer(node.app, name="node")
 app.add_typer(providers_cmd.app, name="providers")
 app.add_typer(inventory_cmd.app, name="inventory")
 app.add_typer(image.app, name="image")
+app.add_typer(state_cmd.app, name="state")
 
 
 @app.callback()
@@ -47,9 +49,23 @@ def main_options(
     yes: bool = typer.Option(False, "--yes", "-y", help="Answer yes to every question (implied without a TTY)."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More detail (per host)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and results."),
+    state: str = typer.Option("", "--state", metavar="URL", help="Where clusters' state lives: a directory "
+                              "(default DCX_HOME), s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, "
+                              "az://ACCOUNT/CONTAINER/PREFIX (env DCX_STATE)."),
+    lock_timeout: float = typer.Option(0, "--lock-timeout", metavar="S", min=0,
+                                       help="Wait up to S seconds for a cluster another dcx holds "
+                                       "(default: fail at once)."),
 ) -> None:
     if output not in ("table", "json"):
         raise typer.BadParameter("must be 'table' or 'json'", param_hint="--output")
+    # The state store and lock wait reach every StateStore() of this run through the environment.
+    if state:
+        from dcx.stores import parse_url
+
+        parse_url(state)  # a malformed URL: one line, exit 2, before anything runs
+        os.environ["DCX_STATE"] = state
+    if lock_timeout:
+        os.environ["DCX_LOCK_TIMEOUT"] = str(lock_timeout)
     ctx.obj = Output(output, verbose, quiet, yes)
 
 
@@ -74,7 +90,8 @@ def schema() -> None:
 
 
 GLOBAL_FLAGS = {"--yes", "-y", "--quiet", "-q", "--verbose", "-v", "-vv", "-vvv"}
-GLOBAL_WITH_VALUE = {"--output", "-o"}
+GLOBAL_WITH_VALUE = {"--output", "-o", "--state", "--lock-timeout"}
+FILE_O_COMMANDS = ("diagnose", "export")  # their -o is a file to write, not an output format
 OUTPUT_FORMATS = ("table", "json")
 
 
@@ -92,7 +109,8 @@ def hoist_global_options(argv: list[str]) -> list[str]:
             break
         if arg in GLOBAL_FLAGS:
             front.append(arg)
-        elif arg == "-o" and "diagnose" in rest and i + 1 < len(argv) and argv[i + 1] not in OUTPUT_FORMATS:
+        elif (arg == "-o" and any(c in rest for c in FILE_O_COMMANDS) and i + 1 < len(argv)
+              and argv[i + 1] not in OUTPUT_FORMATS):
             rest += [arg, argv[i + 1]]  # `dcx cluster diagnose NAME -o FILE`: the archive's path, not a format
             i += 1
         elif arg in GLOBAL_WITH_VALUE and i + 1 < len(argv):

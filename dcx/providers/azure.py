@@ -272,8 +272,11 @@ class AzureProvider(Provider):
             if not group:
                 continue
             sub = self.subscription_of(pool)
-            for vm in self.list_vms(sub, group):
-                tags = vm.get("tags") or {}
+            # VMs, and what a cluster leaves in a user's group once its VMs are gone (its network, NSG).
+            things = self.list_vms(sub, group) + [x for kind in ("network_security_groups", "virtual_networks")
+                                                   for x in self.list_network(sub, group, kind)]
+            for thing in things:
+                tags = thing.get("tags") or {}
                 if tags.get("dcx-cluster") == self.ctx.cluster_name:
                     add(tags.get("dcx-cluster-id", ""), f"resource group {group} ({sub})", tags)
         return sorted(found.values(), key=lambda c: (c.id, c.where))

@@ -26,6 +26,7 @@ MESH = "  network: {mesh: wireguard}\n"
 PHASES = ["Connect over SSH", "Set hostnames", "Gather host facts", "Preflight checks", "Install container runtime",
           "Start container runtime", "Install WireGuard", "Make WireGuard keys on each node",
           "Configure the WireGuard mesh", "Verify the mesh (every peer answers)", "Read swarm membership",
+          "Settle swarm membership",
           "Initialise swarm on the first control node", "Join control nodes", "Join workers",
           "Apply node roles and labels", "Verify every node is Ready"]
 # Inside the mesh phase: before any node applies its config, and once one has (others may be mid-way).

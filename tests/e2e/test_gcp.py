@@ -534,6 +534,16 @@ def test_ssh_rule_opens_the_port_dcx_connects_to_and_user_data_keeps_the_hostnam
     inst = instances(gce, name)[f"{name}-control-1"]
     meta = {i["key"]: i["value"] for i in inst["metadata"]["items"]}
     assert keeps_dcx_hostname(YAML(typ="safe").load(io.StringIO(meta["user-data"])))
+    assert f"{tag}-api" not in gce.all_resources()["firewalls"]  # swarm: no Kubernetes API
+
+    # k3s: the kubeconfig points at a server's address on 6443; kubectl comes from spec.network.apiCIDR.
+    k3s = text.replace("engine: {type: swarm}", "engine: {type: k3s}").replace(
+        f"sshCIDR: '{SSH_CIDR}'", f"sshCIDR: '{SSH_CIDR}', apiCIDR: '192.0.2.0/24'")
+    dcx.run("cluster", "create", "-f", str(write(tmp_path, k3s)), "--provision-only", check=True)
+    with gce.lock:
+        api = gce.firewalls[(PROJECT, f"{tag}-api")]
+    assert api["allowed"] == [{"IPProtocol": "tcp", "ports": ["6443"]}] and api["sourceRanges"] == ["192.0.2.0/24"]
+    assert api["targetTags"] == [tag]
 
 
 def ids_of(fake: GceFake, cluster: str) -> list[str]:

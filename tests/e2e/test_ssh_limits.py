@@ -1,5 +1,6 @@
 """End to end: dcx works within what a hardened sshd allows (MaxSessions 1, MaxStartups 3:50:6 on every
-node): a 12-node create, destroy, and create again, each converging."""
+node): a 12-node create, destroy, and create again, each converging; and one connection's commands and
+uploads against a real hardened OpenSSH, concurrent and back to back."""
 
 from __future__ import annotations
 
@@ -88,8 +89,8 @@ def test_commands_and_uploads_share_one_session_on_a_real_hardened_sshd(caplog: 
             with ThreadPoolExecutor(max_workers=8) as pool:
                 assert list(pool.map(work, range(8))) == [f"payload {i}\n600\n" for i in range(8)]
             assert conn._gate.limit == 1  # learned from the real sshd's refusal
-            refused = caplog.text.count("session refused (ChannelException(2")
-            assert refused >= 1  # sshd did refuse (code 2), and dcx waited instead of failing
+            assert "session refused (ChannelException(2" in caplog.text  # sshd refused, dcx waited: no failure
+            refused = caplog.text.count("session refused")
             assert [conn.run(f"echo {i}").stdout for i in range(20)] == [f"{i}\n" for i in range(20)]
             assert caplog.text.count("session refused") == refused  # back to back: no refusal once it knows
         finally:

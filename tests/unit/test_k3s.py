@@ -26,7 +26,7 @@ from dcx.bootstrap import k3s, kubeconfig
 from dcx.bootstrap.phases import Host, PhaseFailed, RunContext, run_phases
 from dcx.bootstrap.runtime import Facts
 from dcx.bootstrap.ssh import Result, Target
-from dcx.errors import SpecError
+from dcx.errors import OperationFailed, SpecError
 from dcx.log import redact, start_run_log, stop_run_log
 from dcx.providers.base import Node
 from dcx.spec import ClusterSpec
@@ -115,13 +115,27 @@ class Cluster:
         items = []
         for r in self.remotes:
             if r.running:
-                meta = self.node_meta.setdefault(r.name, {"name": r.name, "labels": {}, "annotations": {}})
+                meta = self.meta(r)
                 items.append({"metadata": meta, "spec": {},
                               "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
             elif r.name in self.stale:
                 items.append({"metadata": {"name": r.name}, "status": {"conditions": [
                     {"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"}]}})
         return json.dumps({"items": items})
+
+    def meta(self, r: FakeRemote) -> dict[str, Any]:
+        # k3s labels its servers node-role.kubernetes.io/etcd=true when they run embedded etcd.
+        labels = {"node-role.kubernetes.io/etcd": "true"} if r.etcd else {}
+        return self.node_meta.setdefault(r.name, {"name": r.name, "labels": labels, "annotations": {}})
+
+    def annotate(self, node: str, key: str, value: str) -> None:
+        r = next(r for r in self.remotes if r.name == node)
+        self.meta(r)["annotations"][key] = value
+        if key == k3s.ETCD_REMOVE and value == "true" and r.etcd:
+            # k3s's etcd member controller removes the member, then records it on the node
+            # (k3s pkg/etcd/member_controller.go).
+            r.etcd = False
+            self.meta(r)["annotations"][k3s.ETCD_REMOVED] = node
 
 
 class FakeRemote:
@@ -194,6 +208,17 @@ class FakeRemote:
         if command.startswith(f"{k3s.BIN} kubectl delete node "):
             self.cluster.stale.discard(shlex.split(command)[4])
             return ok
+        if command.startswith(f"{k3s.BIN} kubectl annotate node "):
+            _, _, _, _, node, *args = shlex.split(command)
+            for pair in [a for a in args if "=" in a and not a.startswith("-")]:
+                self.cluster.annotate(node, *pair.split("=", 1))
+            return ok
+        if command.startswith(f"{k3s.BIN} kubectl get node ") and command.endswith(" -o json"):
+            node = shlex.split(command)[4]
+            r = next((r for r in self.cluster.remotes if r.name == node), None)
+            if r is None:  # kubectl: Error from server (NotFound), exit 1
+                return Result(1, "", f'Error from server (NotFound): nodes "{node}" not found')
+            return Result(0, json.dumps({"metadata": self.cluster.meta(r)}), "")
         if command.startswith(f"{k3s.BIN} kubectl "):
             return ok
         if command == k3s.links_command():
@@ -704,21 +729,63 @@ def test_health_reports_each_node_with_its_reason() -> None:
     assert not health["c"].ready and health["c"].state == "absent"
 
 
-def test_remove_nodes_drains_deletes_then_uninstalls(tmp_path: Path) -> None:
-    ctx = make_ctx(make_spec(controls=3, workers=1), cdir=ClusterDir(tmp_path, "demo"))
+K = k3s.BIN + " kubectl "
+
+
+def removal_commands(node: str, server: bool) -> list[str]:
+    """What the API server is sent to take one node out, in order (the contract)."""
+    return ([K + f"cordon {node}",
+             K + f"drain {node} --ignore-daemonsets --delete-emptydir-data --force --timeout=120s"]
+            + ([K + f"annotate node {node} etcd.k3s.cattle.io/remove=true --overwrite",
+                K + f"get node {node} -o json"] if server else [])
+            + [K + f"delete node {node} --ignore-not-found", K + f"delete node {node} --ignore-not-found"])
+
+
+@pytest.mark.parametrize(("controls", "workers", "leaving", "expected"), [
+    # an agent: cordon, drain, delete; no etcd change
+    (3, 2, ["demo-workers-2"], removal_commands("demo-workers-2", server=False)),
+    # a server: its etcd member goes (k3s's member controller) after its pods, before the node is deleted
+    (3, 1, ["demo-control-3"], removal_commands("demo-control-3", server=True)),
+    # a worker and a server: workers first, then the control plane shrinks
+    (5, 1, ["demo-control-5", "demo-workers-1"],
+     removal_commands("demo-workers-1", server=False) + removal_commands("demo-control-5", server=True)),
+])
+def test_removal_commands_per_case(tmp_path: Path, controls: int, workers: int, leaving: list[str],
+                                   expected: list[str]) -> None:
+    ctx = make_ctx(make_spec(controls=controls, workers=workers), cdir=ClusterDir(tmp_path, "demo"))
     run_phases(ctx, k3s.K3sEngine().phases(ctx))
     api = ctx.host("demo-control-1").conn
-    leaving = [ctx.host("demo-control-3")]
+    hosts = [ctx.host(n) for n in leaving]
+    for h in hosts:
+        original = h.conn.answer  # type: ignore[attr-defined]
+        h.conn.answer = (lambda o: lambda c, s: Result(0, "", "") if c == k3s.reset_script()  # type: ignore[attr-defined]
+                         else o(c, s))(original)
     api.calls.clear()  # type: ignore[attr-defined]
-    original = leaving[0].conn.answer  # type: ignore[attr-defined]
-    leaving[0].conn.answer = lambda c, s: Result(0, "", "") if c == k3s.reset_script() else original(c, s)  # type: ignore[attr-defined]
-    k3s.K3sEngine().remove_nodes(ctx, leaving)
-    sent = [c for c, _ in api.calls]  # type: ignore[attr-defined]
-    assert sent[0].startswith("/usr/local/bin/k3s kubectl drain demo-control-3 --ignore-daemonsets")
-    assert sent[1] == "/usr/local/bin/k3s kubectl delete node demo-control-3 --ignore-not-found"
-    assert [c for c, _ in leaving[0].conn.calls][-1] == k3s.reset_script()  # type: ignore[attr-defined]
-    with pytest.raises(Exception, match="every control node"):
-        k3s.K3sEngine().remove_nodes(ctx, ctx.control_hosts)
+    k3s.K3sEngine().remove_nodes(ctx, hosts)
+    sent = [c for c, _ in api.calls if c not in (k3s.READYZ, k3s.NODES_JSON)]  # type: ignore[attr-defined]
+    assert sent == expected
+    for h in hosts:  # the machine itself loses k3s after its node is deleted
+        assert [c for c, _ in h.conn.calls][-1] == k3s.reset_script()  # type: ignore[attr-defined]
+    assert k3s.etcd_members(json.loads(ctx.host("demo-control-1").conn.cluster.nodes_json())) == {  # type: ignore[attr-defined]
+        f"demo-control-{i}" for i in range(1, controls + 1)} - set(leaving)
+
+
+@pytest.mark.parametrize(("controls", "leaving", "message"), [
+    (3, ["demo-control-2", "demo-control-3"], "removing 2 of 3 etcd members leaves 1, quorum needs 2"),
+    (5, ["demo-control-3", "demo-control-4", "demo-control-5"],
+     "removing 3 of 5 etcd members leaves 2, quorum needs 3"),
+    (1, ["demo-control-1"], "cannot remove every control node"),
+])
+def test_a_removal_that_loses_quorum_is_refused_before_any_change(tmp_path: Path, controls: int, leaving: list[str],
+                                                                  message: str) -> None:
+    ctx = make_ctx(make_spec(controls=controls, workers=1), cdir=ClusterDir(tmp_path, "demo"))
+    run_phases(ctx, k3s.K3sEngine().phases(ctx))
+    for h in ctx.hosts:
+        h.conn.calls.clear()  # type: ignore[attr-defined]
+    with pytest.raises(OperationFailed, match=message):
+        k3s.K3sEngine().remove_nodes(ctx, [ctx.host(n) for n in leaving])
+    sent = [c for h in ctx.hosts for c, _ in h.conn.calls]  # type: ignore[attr-defined]
+    assert not [c for c in sent if c not in (k3s.READYZ, k3s.NODES_JSON)]  # nothing was changed
 
 
 # --- kubeconfig ---------------------------------------------------------------------------------------

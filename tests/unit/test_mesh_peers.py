@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dcx.engine import mesh_peers
+from dcx.lifecycle.apply import mesh_peers
 from dcx.providers.base import Node
 from dcx.spec import ClusterSpec
 

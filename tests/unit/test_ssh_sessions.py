@@ -114,7 +114,7 @@ def test_hosts_behind_one_jump_host_share_its_connection(client_key: tuple[param
     sessions = ssh.Sessions(HostKeyStore({}, lambda: None))
     try:
         def target(i: int) -> Target:
-            # as engine.target_for_endpoint builds them: a fresh jump Target per host
+            # as lifecycle.session.target_for_endpoint builds them: a fresh jump Target per host
             jump = Target(name=f"jump-127.0.0.1-{bastion.port}", host="127.0.0.1", port=bastion.port,
                           key_files=[str(client_key[1])], agent=False, booting=False)
             return Target(name=f"edge-{i}", host="127.0.0.1", port=behind.port, key_files=[str(client_key[1])],

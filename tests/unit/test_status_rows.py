@@ -7,7 +7,7 @@ import pytest
 
 from dcx.bootstrap.engines import NodeHealth
 from dcx.cli.cluster import mesh_cell
-from dcx.engine import merge_probe
+from dcx.lifecycle.health import merge_probe
 
 
 @pytest.mark.parametrize(("probe", "ready", "state", "detail"), [

@@ -1,0 +1,57 @@
+"""Nodes leaving a running cluster (a pool scaled down, a pool dropped): the engine takes them out
+(drained, control nodes demoted first), then their machines go."""
+
+from __future__ import annotations
+
+import contextlib
+
+from dcx.bootstrap.engines import get_engine
+from dcx.bootstrap.phases import RunContext, run_phases
+from dcx.bootstrap.runtime import RemoveDcxFiles
+from dcx.bootstrap.ssh import connect_with_retry
+from dcx.lifecycle.session import (
+    Connect,
+    Options,
+    Session,
+    build_context,
+    pools_by_provider,
+)
+from dcx.providers.base import Node
+from dcx.spec import ClusterSpec
+
+
+def remove_nodes(session: Session, spec: ClusterSpec, ctx: RunContext, leaving: list[Node], options: Options) -> None:
+    """Scale down: nodes leave the cluster (control nodes the control plane first), then machines go."""
+    leaving_ctx = build_context(session, spec, leaving, options)
+    try:
+        for h in leaving_ctx.hosts:
+            with contextlib.suppress(Exception):
+                connect_with_retry(h.conn, 10)
+        engine = get_engine(spec.spec.engine.type)
+        engine.remove_nodes(RunContext(ctx.cluster_name, spec, ctx.hosts + leaving_ctx.hosts, ctx.sessions,
+                                       ctx.reporter, ctx.parallel), leaving_ctx.hosts)
+    finally:
+        leaving_ctx.sessions.close()
+    by_provider: dict[str, list[Node]] = {}
+    for n in leaving:
+        by_provider.setdefault(n.provider, []).append(n)
+    for name, nodes in by_provider.items():
+        provider = session.provider(name, spec)
+        if provider.resets_machines:
+            reset_files(session, spec, nodes, options)
+        provider.delete_nodes(pools_by_provider(spec).get(name, []), nodes)
+        for n in nodes:
+            session.forget_node(n.name)
+
+
+def reset_files(session: Session, spec: ClusterSpec, nodes: list[Node], options: Options) -> None:
+    """After a machine that stays has left the cluster: the mesh and dcx's files go."""
+    from dcx.bootstrap.mesh import mesh_reset_phases
+
+    ctx = build_context(session, spec, nodes, options)
+    try:
+        run_phases(ctx, [Connect(min(options.ssh_timeout, 60))] + mesh_reset_phases(ctx)
+                   + [RemoveDcxFiles(options.purge)])
+    finally:
+        ctx.sessions.close()
+
