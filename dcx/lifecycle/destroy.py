@@ -123,10 +123,28 @@ def destroy_cluster(name: str | None, spec: ClusterSpec | None, options: Options
                 provider.delete_nodes(pools, list(known.values()))
                 removed += [f"node {n}" for n in sorted(known)]
             removed += provider.sweep(pools)
+        if spec.file and not stateless:
+            warn_of_namesakes(session, spec, name)
         access.teardown(session.cdir, name)
     # The cluster's directory goes last, after the lock is released (a bucket store's objects too).
     session.cdir.remove()
     return removed
+
+
+def warn_of_namesakes(session: Session, spec: ClusterSpec, name: str) -> None:
+    """After destroying the cluster this state knows: another cluster of the same name that the
+    providers still see (made after its state was lost, or from another machine) is named, with the
+    command that removes it, so `destroy -f` never ends silently while nodes of that name run."""
+    others: list[FoundCluster] = []
+    for pname, pools in pools_by_provider(spec).items():
+        provider = session.provider(pname, spec)
+        if type(provider).find_clusters is not Provider.find_clusters:
+            others += [c for c in provider.find_clusters(pools) if c.id != session.state.id]
+    for c in others:
+        session.reporter.note(
+            f"warning: another cluster named '{name}' remains (id {c.id}, {c.where}, created {c.created or '?'} "
+            f"by {c.created_by or '?'}); its state is not here: remove it with "
+            f"`dcx cluster destroy -f {spec.file} --cluster-id {c.id}`")
 
 
 def reset_hosts(session: Session, spec: ClusterSpec, nodes: list[Node], options: Options) -> None:

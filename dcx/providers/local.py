@@ -243,14 +243,7 @@ class LocalProvider(Provider):
         return {v["subnet"] for k, v in self.ctx.resources.items() if k.startswith("local/bridge/")}
 
     def _registry_entries(self) -> list[dict[str, Any]]:
-        entries = []
-        if REGISTRY.is_dir():
-            for path in sorted(REGISTRY.glob("*.json")):
-                try:
-                    entries.append(json.loads(path.read_text()))
-                except (OSError, ValueError):
-                    continue
-        return entries
+        return _registry_files()
 
     def _read_registry(self, ns: str) -> dict[str, Any] | None:
         try:
@@ -281,10 +274,30 @@ def _refuse_overlap(subnet: ipaddress.IPv4Network, bridge: str, pool: str) -> No
     whichever it likes): say so now rather than wait for an sshd that is never reached."""
     for link, iface in netns.host_ipv4_interfaces():
         if link != bridge and iface.network.overlaps(subnet):
+            owners = sorted({(e.get("cluster", "?"), e.get("cluster_id", "?")) for e in _registry_files()
+                             if e.get("bridge") == link})
+            if owners:  # live nodes of a cluster (perhaps this name's, with its state lost): never `ip link del`
+                named = ", ".join(f"{n} (id {i})" for n, i in owners)
+                hint = (f"choose another local.subnet, or remove cluster {named}: `dcx cluster destroy -f FILE "
+                        f"--cluster-id ID` from a DCX_HOME without that cluster's state")
+            elif netns.bridge_ports(link):
+                hint = f"choose another local.subnet ({link} has interfaces attached: something uses it)"
+            else:
+                hint = (f"choose another local.subnet; {link} has nothing attached: if an interrupted dcx run "
+                        f"left it, remove it: ip link del {link}")
             raise ProviderError(
-                f"subnet {subnet} of pool {pool} overlaps {iface} on interface {link} of this machine",
-                hint=f"choose another local.subnet; if {link} was left by an interrupted dcx run whose state is "
-                f"gone, remove it: ip link del {link}")
+                f"subnet {subnet} of pool {pool} overlaps {iface} on interface {link} of this machine", hint=hint)
+
+
+def _registry_files() -> list[dict[str, Any]]:
+    """Every local node on this machine, whichever cluster or DCX_HOME made it."""
+    entries = []
+    for path in sorted(REGISTRY.glob("*.json")) if REGISTRY.is_dir() else []:
+        try:
+            entries.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return entries
 
 
 def _free_subnet() -> ipaddress.IPv4Network:

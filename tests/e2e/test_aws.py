@@ -625,6 +625,7 @@ class Booter:
 
 
 @pytest.mark.e2e
+@pytest.mark.namespace_hosts
 def test_boot_simulation_to_a_ready_swarm(aws_cli: tuple[Dcx, list[str]], moto: str, tmp_path: Path) -> None:
     skip_without_namespace_nodes()
     from tests.testbed.boot import BootSimulator

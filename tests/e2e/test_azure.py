@@ -510,6 +510,7 @@ def test_evicted_spot_vm_is_started_again(arm: tuple[ArmFake, str], cli: tuple[D
 # --- boot simulation: from the fake's VMs to a real swarm ------------------------------------------
 
 
+@pytest.mark.namespace_hosts
 def test_boot_simulation_reaches_a_ready_swarm(arm: tuple[ArmFake, str], cli: tuple[Dcx, list[str]],
                                                tmp_path: Path) -> None:
     skip_without_namespace_nodes()

@@ -306,6 +306,7 @@ def test_hundred_node_pool_provision_only(gce: GceFake, cli: tuple[Dcx, list[str
 # --- boot simulation: from the fake's instances to a real swarm ------------------------------------
 
 
+@pytest.mark.namespace_hosts
 def test_boot_simulation_reaches_a_ready_swarm(gce: GceFake, cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
     skip_without_namespace_nodes()
     from tests.testbed.boot import BootSimulator, authorized_key_from_user_data
@@ -402,6 +403,7 @@ def test_mesh_port_only_from_other_providers_nodes(gce: GceFake, tmp_path: Path,
     assert not [k for k in resources if k.startswith("gcp/")]
 
 
+@pytest.mark.namespace_hosts
 def test_a_provider_dropped_from_the_spec_loses_everything_it_made(gce: GceFake, cli: tuple[Dcx, list[str]],
                                                                   tmp_path: Path) -> None:
     """Machines on GCE joined a cluster whose control node is local; the gcp pool leaves the spec: its
@@ -427,6 +429,7 @@ def test_a_provider_dropped_from_the_spec_loses_everything_it_made(gce: GceFake,
     assert [n["name"] for n in status["nodes"]] == [f"{name}-control-1"] and status["healthy"] is True
 
 
+@pytest.mark.namespace_hosts
 def test_destroy_by_name_finds_a_provider_the_spec_no_longer_names(gce: GceFake, cli: tuple[Dcx, list[str]],
                                                                    tmp_path: Path) -> None:
     """The last applied spec has no gcp pool, but the cluster still has gcp instances (they were

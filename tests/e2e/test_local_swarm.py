@@ -264,3 +264,28 @@ def test_pool_subnet_taken_by_another_interface_is_refused(dcx_cli: tuple[Dcx, l
         assert registry_entries(name) == []  # refused before any node was made
     finally:
         subprocess.run(["ip", "link", "del", squatter], check=False)
+
+
+def test_create_after_losing_dcx_home_names_the_old_cluster(dcx_cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    """The operator lost DCX_HOME and runs create again: the old nodes hold the pool's subnet. The refusal
+    names that cluster (never `ip link del` of a bridge with live nodes), destroy -f of the new attempt
+    says the old cluster remains and how to remove it, and that command removes it."""
+    cli, clusters = dcx_cli
+    name = "e2e-lost"
+    clusters.append(name)
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(cluster_yaml(name, "10.213.207.0/24", control=1, workers=0))
+    cli.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+    old_id = cli.state(name)["id"]
+    shutil.rmtree(cli.home)  # the whole DCX_HOME is gone
+    again = cli.run("cluster", "create", "-f", str(spec))
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert f"{name} (id {old_id})" in again.stderr and "ip link del" not in again.stderr, again.stderr
+    gone = cli.run("cluster", "destroy", "-f", str(spec), "--yes")
+    assert gone.returncode == 0, gone.stderr
+    assert f"another cluster named '{name}' remains (id {old_id}" in gone.stderr, gone.stderr
+    assert f"--cluster-id {old_id}" in gone.stderr
+    assert registry_entries(name), "the old cluster's nodes must still be there"
+    r = cli.run("cluster", "destroy", "-f", str(spec), "--cluster-id", old_id, "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert leftovers(old_id, name) == [] and registry_entries(name) == []
