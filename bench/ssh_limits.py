@@ -8,13 +8,11 @@ Needs root and the packages scripts/setup installs. Each cluster is destroyed af
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from local_scale import timed_create  # bench/ is on sys.path when a bench runs
 
 NODES = 12
 
@@ -26,21 +24,6 @@ def spec(name: str, sshd: str, subnet: str) -> str:
             f"    - {{name: workers, role: worker, count: {NODES - 1}, {local}}}\n")
 
 
-def timed_create(home: Path, name: str, sshd: str, subnet: str) -> float:
-    env = {**os.environ, "DCX_HOME": str(home), "DCX_NO_SSH_CONFIG": "1"}
-    path = home / f"{name}.yaml"
-    path.write_text(spec(name, sshd, subnet))
-    dcx = [sys.executable, "-m", "dcx"]
-    start = time.perf_counter()
-    try:
-        subprocess.run([*dcx, "cluster", "create", "-f", str(path), "-q"], env=env, check=True,
-                       stdin=subprocess.DEVNULL)
-        return time.perf_counter() - start
-    finally:
-        subprocess.run([*dcx, "cluster", "destroy", "-f", str(path), "--yes", "-q"], env=env, check=False,
-                       stdin=subprocess.DEVNULL)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1)
@@ -49,7 +32,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dcx-bench-") as tmp:
         for i in range(rounds):
             for sshd, subnet in (("default", "10.213.243.0/24"), ("hardened", "10.213.244.0/24")):
-                times[sshd].append(timed_create(Path(tmp), f"bench-{sshd}-{i}", sshd, subnet))
+                name = f"bench-{sshd}-{i}"
+                times[sshd].append(timed_create(Path(tmp), name, spec(name, sshd, subnet)))
     default, hardened = statistics.median(times["default"]), statistics.median(times["hardened"])
     print(f"create, {NODES} nodes, sshd defaults (MaxSessions 10)  : {default:6.2f} s")
     print(f"create, {NODES} nodes, sshd hardened (MaxSessions 1)   : {hardened:6.2f} s   "

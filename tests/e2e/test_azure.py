@@ -18,7 +18,14 @@ from ruamel.yaml import YAML
 
 from tests.fakes.arm import ArmFake, make_test_pki
 from tests.testbed.journal import MemoryJournal
-from tests.testbed.local import Dcx, cloud_cluster_yaml, clusters_destroyed_after, skip_without_namespace_nodes, write
+from tests.testbed.local import (
+    Dcx,
+    cloud_cluster_yaml,
+    clusters_destroyed_after,
+    destroy_without_state_picks_by_id,
+    skip_without_namespace_nodes,
+    write,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -684,13 +691,7 @@ def test_destroy_by_id_spares_another_cluster_of_the_same_name(arm: tuple[ArmFak
         colleague.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
         mine, theirs = dcx.state(name)["id"], colleague.state(name)["id"]
         assert fake.inventory()["resourceGroups"] == sorted([f"dcx-{name}-{mine}", f"dcx-{name}-{theirs}"])
-        shutil.rmtree(dcx.home / "clusters" / name)
-
-        r = dcx.run("cluster", "destroy", "-f", str(spec), "--yes")
-        assert r.returncode == 2 and "--cluster-id" in r.stderr, r.stdout + r.stderr
-        assert mine in r.stdout + r.stderr and theirs in r.stdout + r.stderr
-        r = dcx.run("cluster", "destroy", "-f", str(spec), "--yes", "--cluster-id", mine)
-        assert r.returncode == 0, r.stdout + r.stderr
+        destroy_without_state_picks_by_id(dcx, spec, name, mine, theirs)
         assert fake.inventory()["resourceGroups"] == [f"dcx-{name}-{theirs}"]
         assert list(of(fake, VM, name)) == [f"{name}-control-1"]
     finally:

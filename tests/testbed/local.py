@@ -165,6 +165,18 @@ def clusters_destroyed_after(cli: Dcx) -> Iterator[list[str]]:
         force_cleanup(cli.home, clusters)
 
 
+def destroy_without_state_picks_by_id(cli: Dcx, spec: Path, name: str, mine: str, theirs: str) -> None:
+    """Two clusters named `name` in one account, `cli`'s state of it lost: `destroy -f` exits 2 listing
+    both ids with a hint to pass --cluster-id; with `--cluster-id mine` it destroys (that one only: the
+    caller checks what is left)."""
+    shutil.rmtree(cli.home / "clusters" / name)
+    r = cli.run("cluster", "destroy", "-f", str(spec), "--yes")
+    assert r.returncode == 2 and "--cluster-id" in r.stderr, r.stdout + r.stderr
+    assert mine in r.stdout + r.stderr and theirs in r.stdout + r.stderr
+    r = cli.run("cluster", "destroy", "-f", str(spec), "--yes", "--cluster-id", mine)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def write(tmp_path: Path, text: str, name: str = "cluster.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text)
