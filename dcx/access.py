@@ -5,8 +5,11 @@
 - `ssh/config`: a Host entry per node plus `dcx-NAME` for the first manager, with the cluster key.
 - `~/.ssh/config` gets one `Include` line for every dcx cluster's ssh/config (added once, after a
   backup; `DCX_NO_SSH_CONFIG=1` skips it), because docker's SSH transport can only use the user's
-  ssh configuration. It goes when the last cluster of its DCX_HOME is destroyed, and is never added
-  for a DCX_HOME that other users can write to (their files would become the user's ssh settings).
+  ssh configuration. One line per store: DCX_HOME/clusters/*, a `--state` directory's clusters/*, or
+  a bucket store's working directory on this machine (DCX_HOME/cache/STORE/clusters/*, where its
+  clusters' ssh settings, key and known_hosts live). It goes when the last cluster of that store here
+  is destroyed, and is never added for a directory that other users can write to (their files would
+  become the user's ssh settings).
 - a docker context `dcx-NAME` (`host=ssh://dcx-NAME`), so `docker --context dcx-NAME service ls` works.
 - k3s: the kubeconfig the engine fetched (kept 0600 in the cluster directory) merged into the user's
   kubeconfig under the context `dcx-NAME`, without switching the current context (`DCX_NO_KUBECONFIG=1`
@@ -88,19 +91,31 @@ def include_line(home: Path | None = None) -> str:
     return f"Include {home or dcx_home()}/clusters/*/ssh/config"
 
 
-def ensure_include(warn: Any = None) -> bool:
-    """Add `Include <DCX_HOME>/clusters/*/ssh/config` at the top of ~/.ssh/config: one line, once.
-    Refused (with a warning through `warn`) when others can write under DCX_HOME."""
+def _others_writable(root: Path) -> str:
+    """Why files under the store's root could be someone else's doing ("" when only we can write there):
+    the root and its clusters/, and for a bucket store's working directory DCX_HOME and DCX_HOME/cache too."""
+    home = dcx_home()
+    unsafe = StateStore(root).others_writable()
+    if not unsafe and home in root.parents:
+        unsafe = StateStore(home).others_writable() or StateStore(home / "cache").others_writable()
+    return unsafe
+
+
+def ensure_include(warn: Any = None, root: Path | None = None) -> bool:
+    """Add `Include <ROOT>/clusters/*/ssh/config` at the top of ~/.ssh/config: one line, once. ROOT is
+    the store's directory on this machine (DCX_HOME, a --state directory, a bucket store's working
+    directory). Refused (with a warning through `warn`) when others can write there."""
     if os.environ.get("DCX_NO_SSH_CONFIG"):
         return False
-    unsafe = StateStore(dcx_home()).others_writable()
+    root = root or dcx_home()
+    unsafe = _others_writable(root)
     if unsafe:
         if warn is not None:
-            warn(f"warning: not adding an Include of {dcx_home()} to {user_ssh_config()}: {unsafe}, so its "
+            warn(f"warning: not adding an Include of {root} to {user_ssh_config()}: {unsafe}, so its "
                  f"files could set your ssh options; use `ssh -F` with the cluster's ssh/config instead")
         return False
     config = user_ssh_config()
-    include = include_line()
+    include = include_line(root)
     text = config.read_text() if config.exists() else ""
     if include in text.splitlines():
         return True
@@ -134,13 +149,36 @@ def remove_include(home: Path) -> None:
         atomic_write(config, "".join(out), 0o600)
 
 
+def first_manager(state: ClusterState) -> str | None:
+    """The node `dcx-NAME` names when no run has said which manager: the first control node, in the
+    order runs list hosts (pool, then name)."""
+    control = sorted((n.get("pool", ""), n["name"]) for n in state.nodes.values() if n.get("role") == "control")
+    return control[0][1] if control else None
+
+
+def write_ssh_files(cdir: ClusterDir, state: ClusterState, manager: str | None = None) -> Path:
+    """known_hosts and ssh/config from the state: what `ssh -F`, `docker --context` and the Include use."""
+    write_known_hosts(cdir, state.host_keys)
+    config = cdir.ssh_dir / "config"
+    atomic_write(config, ssh_config_text(cdir, state, manager or first_manager(state)), 0o600)
+    return config
+
+
+def ensure_ssh_access(cdir: ClusterDir, state: ClusterState, warn: Any = None) -> Path:
+    """This machine's ssh settings for a recorded cluster, (re)written from the state, and the Include
+    for its store. A bucket store's clusters need this on each machine (the settings name this
+    machine's paths and never go to the store; known_hosts follows host keys other runs shared)."""
+    config = write_ssh_files(cdir, state)
+    ensure_include(warn, cdir.root)
+    return config
+
+
 def setup(cdir: ClusterDir, spec: Any, ctx: Any, state: ClusterState) -> dict[str, str]:
     """Write ssh settings and (for swarm) the docker context. Returns what to tell the user."""
     manager = ctx.shared.get("swarm_manager") or (ctx.control_hosts[0].name if ctx.control_hosts else None)
-    write_known_hosts(cdir, state.host_keys)
-    atomic_write(cdir.ssh_dir / "config", ssh_config_text(cdir, state, manager), 0o600)
+    write_ssh_files(cdir, state, manager)
     info = {"ssh_config": str(cdir.ssh_dir / "config")}
-    included = ensure_include(getattr(getattr(ctx, "reporter", None), "note", None))
+    included = ensure_include(getattr(getattr(ctx, "reporter", None), "note", None), cdir.root)
     if spec.spec.engine.type == "swarm" and manager:
         name = context_name(state.name)
         info["docker_context"] = name if included and _docker_context(name) else ""

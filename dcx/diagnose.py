@@ -188,6 +188,8 @@ def findings(reports: list[NodeReport], health: dict[str, Any], mesh_addresses: 
             if not peers and len(mesh_addresses) > 1:
                 lines.append(f"{r.name}: mesh interface {mesh.IFACE} has no peers")
             for p in peers:
+                if p["allowed_ips"] in ("", "(none)"):
+                    continue  # a pair routed through a relay (dcx.bootstrap.relay): no direct handshake expected
                 age = now - p["latest_handshake"] if p["latest_handshake"] else None
                 if age is None or age > HANDSHAKE_STALE_S:
                     ip = p["allowed_ips"].split(",")[0].split("/")[0]

@@ -11,6 +11,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_LOCKED = 3
+EXIT_TIMEOUT = 124  # --timeout ran out (as timeout(1) exits)
 
 
 class DcxError(Exception):

@@ -117,3 +117,39 @@ def taint_problem(taint: str) -> str:
     problem = label_key_problem(key) or label_value_problem(value)
     return f"taint '{taint}': key '{key}' {problem}" if problem.startswith("is ") else \
         (f"taint '{taint}': {problem}" if problem else "")
+
+
+# Proxy URLs reach shell-sourced env files and systemd EnvironmentFile lines unquoted: only characters that
+# mean nothing to either. Userinfo (a secret) is percent-encoded per RFC 3986; '*' is allowed for the
+# redacted form dcx stores (`http://user:***@host`).
+_PROXY_URL = re.compile(r"^(?P<scheme>https?)://(?:(?P<userinfo>[A-Za-z0-9._~%+*!-]+(?::[A-Za-z0-9._~%+*!-]*)?)@)?"
+                        r"(?P<hostport>[^/@?#]+)/?$")
+_NO_PROXY_ENTRY = re.compile(r"^[A-Za-z0-9.*:/_\[\]-]+$")
+
+
+def proxy_url_problem(value: str) -> str:
+    """http(s)://[user[:password]@]host[:port][/], nothing else (no path, query or fragment)."""
+    m = _PROXY_URL.match(value)
+    if not m:
+        if not value.lower().startswith(("http://", "https://")):
+            return "must be an http:// or https:// URL (http://host:port)"
+        return ("must be http(s)://[user:password@]host[:port] with no path; percent-encode other characters "
+                "of the user and password")
+    host, port = split_host_port(m.group("hostport"))
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        return f"port '{port}' is not a number from 1 to 65535"
+    problem = address_problem(host)
+    return f"host '{host}' {problem}" if problem else ""
+
+
+def proxy_userinfo(value: str) -> str:
+    """The user[:password] of a proxy URL ("" without one): a secret."""
+    m = _PROXY_URL.match(value)
+    return (m.group("userinfo") or "") if m else ""
+
+
+def no_proxy_problem(entry: str) -> str:
+    """One NO_PROXY entry: a host, .domain, *.domain, an address, a CIDR, or '*'."""
+    if not entry or not _NO_PROXY_ENTRY.match(entry):
+        return f"'{entry}' is not a host, domain, address or CIDR"
+    return ""

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dcx import grammar
 from dcx.errors import SpecError
+from dcx.log import register_secret
 from dcx.yamlsrc import Locator, load_yaml_text, read_text_file
 
 SECRET_VARS = ("ansible_become_pass", "ansible_become_password", "ansible_password", "ansible_ssh_pass")
@@ -48,6 +49,8 @@ class InventoryHost:
     labels: dict[str, str] = field(default_factory=dict)
     groups: list[str] = field(default_factory=list)
     vars: dict[str, Any] = field(default_factory=dict, repr=False)
+    # From proxy_env / environment (http_proxy, https_proxy, no_proxy): a spec.ProxySpec's fields, or None.
+    proxy: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def become_password_var(self) -> bool:
@@ -267,6 +270,7 @@ def _make_host(name: str, values: dict[str, Any], groups: list[str], file: str, 
                         "is vault-encrypted or templated, which dcx cannot read",
                         hint="leave it out and pass -K/--ask-become-pass (or DCX_BECOME_PASSWORD)")
     labels = values.get("dcx_labels") if isinstance(values.get("dcx_labels"), dict) else {}
+    proxy = proxy_from_vars(values, file, line, host_name)
     host = InventoryHost(
         name=host_name, address=text("ansible_host", "ansible_ssh_host") or host_name, port=port,
         user=text("ansible_user", "ansible_ssh_user"),
@@ -275,12 +279,60 @@ def _make_host(name: str, values: dict[str, Any], groups: list[str], file: str, 
         ssh_common_args=common, proxy_jump=text("dcx_proxy_jump") or proxy_jump_from_args(common),
         mesh_endpoint=text("dcx_mesh_endpoint"), private_address=text("dcx_private_address"),
         labels={str(k): str(v) for k, v in labels.items()}, groups=[g for g in groups if g != "ungrouped"],
-        vars={k: v for k, v in values.items()})
+        vars={k: v for k, v in values.items()}, proxy=proxy)
     problem = host_problem(host)
     if problem:
         field_name, why = problem
         raise SpecError(file, line, f"host {_shown(host_name)}{': ' + field_name if field_name else ''}", why)
     return host
+
+
+PROXY_VARS = ("proxy_env", "environment")  # as k3s-ansible's group_vars and plays' `environment:` set them
+PROXY_KEYS = {"http_proxy": "http", "https_proxy": "https", "no_proxy": "noProxy"}
+
+
+def proxy_from_vars(values: dict[str, Any], file: str, line: int | None, host: str) -> dict[str, Any] | None:
+    """The proxy an Ansible inventory gives a host: `proxy_env` (or `environment`) as a mapping of
+    http_proxy / https_proxy / no_proxy, either case (other variables there are not dcx's). In `[g:vars]`
+    the mapping arrives as text (`{'http_proxy': '...'}`). None when the host has neither."""
+    for var in PROXY_VARS:
+        raw = values.get(var)
+        if raw in (None, ""):
+            continue
+        where = f"host {_shown(host)}: {var}"
+        if isinstance(raw, str):
+            if "{{" in raw:
+                raise SpecError(file, line, where, "is templated (Jinja), which dcx cannot read",
+                                hint="give the values themselves (http_proxy, https_proxy, no_proxy)")
+            raw = _literal(raw.strip())
+        if not isinstance(raw, dict):
+            raise SpecError(file, line, where, "must be a mapping of http_proxy, https_proxy and no_proxy")
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            name = PROXY_KEYS.get(str(key).lower())
+            if name is None:
+                continue
+            text = "" if value is None else str(value).strip()
+            if "{{" in text:
+                raise SpecError(file, line, f"{where}.{key}", "is templated (Jinja), which dcx cannot read")
+            if name == "noProxy":
+                entries = [e.strip() for e in text.split(",") if e.strip()]
+                bad = next((grammar.no_proxy_problem(e) for e in entries if grammar.no_proxy_problem(e)), "")
+                if bad:
+                    raise SpecError(file, line, f"{where}.{key}", bad)
+                out[name] = entries
+            elif text:
+                problem = grammar.proxy_url_problem(text)
+                if problem:
+                    raise SpecError(file, line, f"{where}.{key}", problem)
+                out[name] = text
+        for url in (out.get("http", ""), out.get("https", "")):
+            userinfo = grammar.proxy_userinfo(url)
+            if userinfo:  # a secret: never in a log line or an error
+                register_secret(userinfo)
+                register_secret(userinfo.partition(":")[2])
+        return out
+    return None
 
 
 def _shown(name: str) -> str:

@@ -28,13 +28,16 @@ def register_secret(value: str) -> None:
 
 # Secrets recognisable by their form, redacted even when dcx never saw the value (a token a user pasted,
 # a daemon's log line): swarm join tokens and unlock keys, k3s's secure tokens (K10<ca hash>::user:pass),
-# PEM/OpenSSH private key blocks (a truncated one to the end of the text), WireGuard `PrivateKey = `.
+# PEM/OpenSSH private key blocks (a truncated one to the end of the text), WireGuard `PrivateKey = `, URL
+# passwords.
 # A group named `keep` (the name before a value) stays; the rest of the match becomes REDACTED.
 SECRET_FORMS = [
     re.compile(r"SWM(?:TKN|KEY)-\d+-[0-9A-Za-z+/=_-]+"),
     re.compile(r"K10[0-9a-fA-F]{8,}::[^\s:]+:[^\s\"']+"),
     re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----(?:[\s\S]*?-----END \1PRIVATE KEY-----|[\s\S]*)"),
     re.compile(r"(?i)(?P<keep>PrivateKey[ \t]*=[ \t]*)(?!\*\*\*)\S+"),
+    # The password of a URL (a proxy's `http://user:password@host`), wherever a daemon or a tool prints one.
+    re.compile(r"(?P<keep>://[^\s:/@'\"]+:)(?!\*\*\*@)[^\s/@'\"]+(?=@)"),
 ]
 # Only for what dcx gathers from machines (diagnose archives): any value assigned to a name that says
 # password, passphrase, secret or token (`password: x`, `K3S_TOKEN=x`, `"token": "x"`, `--token x`).

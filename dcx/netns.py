@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,6 +204,10 @@ def start_host(spec: HostSpec) -> int:
     for tool in ("ip", "nsenter", "unshare", "ssh-keygen"):
         if not shutil.which(tool):
             raise OperationFailed(f"'{tool}' not found on this machine")
+    if netns_exists(spec.netns) and _answers(spec.ip, spec.ssh_port):
+        pid = sshd_pid(spec.netns)
+        if pid:  # its sshd runs and is reached over the bridge: nothing to complete (a re-run's repair)
+            return pid
     dirs = _host_dirs(spec.home)
     spec.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     for d in dirs.values():
@@ -402,6 +407,15 @@ def wait_for_port(netns: str, ip: str, port: int, proc: subprocess.Popen[bytes] 
     raise OperationFailed(f"sshd for {netns} did not listen on {ip}:{port} within {timeout:.0f}s")
 
 
+def _answers(ip: str, port: int) -> bool:
+    """Something accepts TCP connections at ip:port from this machine now."""
+    try:
+        with socket.create_connection((ip, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def _netns_inode(netns: str) -> int | None:
     try:
         return os.stat(NETNS_DIR / netns).st_ino
@@ -455,7 +469,24 @@ def _parents() -> dict[int, int]:
 
 def host_processes(netns: str) -> list[int]:
     """Every process of a namespace host: those in its netns and all their descendants."""
-    roots = set(pids_in_netns(netns))
+    return hosts_processes([netns])
+
+
+def hosts_processes(names: list[str]) -> list[int]:
+    """Every process of these namespace hosts (in their netns, and all their descendants), from one look
+    at /proc for all of them."""
+    inodes = {ino for ino in (_netns_inode(n) for n in names) if ino is not None}
+    if not inodes:
+        return []
+    roots = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}/ns/net").st_ino in inodes:
+                roots.add(int(entry))
+        except OSError:
+            continue
     if not roots:
         return []
     parents = _parents()
@@ -472,20 +503,27 @@ def host_processes(netns: str) -> list[int]:
 
 def kill_host_processes(netns: str, timeout: float = 10.0) -> int:
     """SIGTERM, then SIGKILL, every process of the host until none is left. Returns how many there were."""
-    pids = host_processes(netns)
+    return kill_hosts_processes([netns], timeout)
+
+
+def kill_hosts_processes(names: list[str], timeout: float = 10.0, grace: float = 3.0) -> int:
+    """kill_host_processes for several hosts at once: their daemons stop side by side (a dockerd takes
+    about a second after SIGTERM; one host after another, 20 hosts took 20 s). `grace`: seconds between
+    SIGTERM and SIGKILL."""
+    pids = hosts_processes(names)
     total = len(pids)
-    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, timeout)):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, timeout)):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            pids = [p for p in pids if _alive(p)] + [p for p in host_processes(netns) if p not in pids]
+            pids = [p for p in pids if _alive(p)] + [p for p in hosts_processes(names) if p not in pids]
             if not pids:
                 return total
             time.sleep(0.05)
     if pids:
-        raise OperationFailed(f"processes of {netns} would not die: {pids}")
+        raise OperationFailed(f"processes of {', '.join(names)} would not die: {pids}")
     return total
 
 
@@ -499,14 +537,27 @@ def _alive(pid: int) -> bool:
 
 def stop_host(netns: str, home: Path | None) -> None:
     """Tear a namespace host down: processes, namespace (its veth goes with it), directory."""
-    kill_host_processes(netns)
-    if netns_exists(netns):
-        sh("ip", "netns", "del", netns, check=False)
-    veth = veth_name(netns)
-    if link_exists(veth):
-        sh("ip", "link", "del", veth, check=False)
-    if home is not None and home.exists():
-        _remove_tree(home)
+    stop_hosts([(netns, home)])
+
+
+def stop_hosts(hosts: list[tuple[str, Path | None]], grace: float = 3.0) -> None:
+    """stop_host for several hosts: their processes are stopped all at once (SIGKILL after `grace`
+    seconds), then the hosts are removed side by side."""
+    kill_hosts_processes([netns for netns, _ in hosts], grace=grace)
+
+    def remove(netns: str, home: Path | None) -> None:
+        if netns_exists(netns):
+            sh("ip", "netns", "del", netns, check=False)
+        veth = veth_name(netns)
+        if link_exists(veth):
+            sh("ip", "link", "del", veth, check=False)
+        if home is not None and home.exists():
+            _remove_tree(home)
+
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="dcx-netns") as pool:
+        futures = [pool.submit(remove, netns, home) for netns, home in hosts]
+    for future in futures:
+        future.result()  # the first failure, once every host was tried
 
 
 def _remove_tree(path: Path) -> None:

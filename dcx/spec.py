@@ -12,10 +12,19 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from dcx import grammar
 from dcx.errors import SpecError
+from dcx.log import register_secret
 from dcx.yamlsrc import Locator, load_yaml
 
 API_VERSION = "dcx/v1"
@@ -102,13 +111,57 @@ class SSHSpec(_Model):
         return value
 
 
+class ProxySpec(_Model):
+    """An HTTP(S) proxy for what the nodes download (packages, Docker's image pulls, k3s, dcx's own
+    fetches). dcx adds the cluster's own ranges to noProxy itself (dcx.bootstrap.proxy)."""
+
+    http: str = ""
+    https: str = ""
+    noProxy: list[str] = Field(default_factory=list)
+
+    @field_validator("http", "https")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            _checked(grammar.proxy_url_problem(value))
+            userinfo = grammar.proxy_userinfo(value)
+            if userinfo:
+                # A password in the URL is a secret: never in a log line or an error.
+                register_secret(userinfo)
+                register_secret(userinfo.partition(":")[2])
+        return value
+
+    @field_validator("noProxy", mode="before")
+    @classmethod
+    def _no_proxy(cls, value: Any) -> Any:
+        if isinstance(value, str):  # NO_PROXY's own spelling: one comma-separated string
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        for entry in value if isinstance(value, list) else []:
+            if isinstance(entry, str):
+                _checked(grammar.no_proxy_problem(entry))
+        return value
+
+    @field_serializer("http", "https")
+    def _stored(self, value: str) -> str:
+        # The spec is recorded in state.json, which holds no secret: the password is masked there.
+        userinfo = grammar.proxy_userinfo(value)
+        if ":" in userinfo:
+            return value.replace(userinfo + "@", userinfo.partition(":")[0] + ":***@", 1)
+        return value
+
+
 class NetworkSpec(_Model):
     mesh: Literal["auto", "wireguard", "none"] = "auto"
     meshCIDR: str = "100.96.0.0/16"
     meshPort: int = Field(default=51820, ge=1, le=65535, strict=True)
+    # Mesh pairs with no direct path go through a node both reach: any (auto), never (none), or only
+    # the nodes named (see README, Relays).
+    relays: Literal["auto", "none"] | list[str] = "auto"
     sshCIDR: str = ""
     # Where the Kubernetes API (6443, engine k3s) is opened from on cloud firewalls; "" = sshCIDR.
     apiCIDR: str = ""
+    proxy: ProxySpec | None = None  # see README, Proxies
 
     @field_validator("meshCIDR")
     @classmethod
@@ -116,6 +169,22 @@ class NetworkSpec(_Model):
         net = ipaddress.ip_network(value, strict=True)
         if net.version != 4 or net.prefixlen > 24:
             raise ValueError("must be an IPv4 network of /24 or larger")
+        return value
+
+    @field_validator("relays", mode="before")
+    @classmethod
+    def _relays(cls, value: Any) -> Any:
+        if not isinstance(value, list) and value not in ("auto", "none"):
+            raise ValueError("must be auto, none or a list of node names")
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("must name at least one node (or be auto or none)")
+            for name in value:
+                problem = grammar.hostname_problem(name) if isinstance(name, str) else "is not a node name"
+                if problem:
+                    raise ValueError(f"'{name}' {problem}")
+            if len(set(value)) != len(value):
+                raise ValueError("names a node twice")
         return value
 
     @field_validator("sshCIDR", "apiCIDR")
@@ -133,6 +202,7 @@ class PoolSpec(_Model):
     provider: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     labels: dict[str, str] = Field(default_factory=dict)
     taints: list[str] = Field(default_factory=list)
+    proxy: ProxySpec | None = None  # this pool's nodes use it instead of network.proxy ({} = none)
     local: dict[str, Any] | None = None
     ssh: dict[str, Any] | None = None
     aws: dict[str, Any] | None = None
@@ -260,7 +330,7 @@ def raise_located(exc: ValidationError, locator: Locator, prefix: tuple[str | in
 
 def exc_model(exc: ValidationError) -> type[BaseModel] | None:
     """The model a ValidationError came from (pydantic names it in `title`)."""
-    for model in (ClusterSpec, ClusterBody, PoolSpec, EngineSpec, NetworkSpec, SSHSpec, Metadata):
+    for model in (ClusterSpec, ClusterBody, PoolSpec, EngineSpec, NetworkSpec, ProxySpec, SSHSpec, Metadata):
         if model.__name__ == exc.title:
             return model
     return None

@@ -32,8 +32,44 @@ def load_user_config(path: Path | None = None) -> paramiko.SSHConfig:
     key = (str(path), st.st_mtime_ns, st.st_size)
     if key not in _parsed:
         _parsed.clear()
-        _parsed[key] = paramiko.SSHConfig.from_path(str(path))
+        _parsed[key] = paramiko.SSHConfig.from_text(expand_includes(path))
     return _parsed[key]
+
+
+MAX_INCLUDE_DEPTH = 16  # OpenSSH readconf.c READCONF_MAX_DEPTH
+
+
+def expand_includes(path: Path, depth: int = 0) -> str:
+    """The file's text with its `Include` lines replaced by the files they name, as OpenSSH reads them
+    (ssh_config(5) Include: glob patterns, in sorted order, relative paths under ~/.ssh; a pattern that
+    matches nothing is not an error). paramiko does not follow Include, and dcx's own per-cluster
+    settings (dcx-NAME, nodes of clusters in any store) reach ~/.ssh/config only that way. An Include
+    inside a Host or Match block applies under that block's condition: the block's line is repeated
+    after the included text, so what follows the Include stays under it."""
+    import glob
+
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    out: list[str] = []
+    block = ""  # the Host/Match line in force ("" before any)
+    for line in lines:
+        words = line.strip().replace("=", " ", 1).split()
+        keyword = words[0].lower() if words else ""
+        if keyword in ("host", "match"):
+            block = line.strip()
+        if keyword != "include" or depth >= MAX_INCLUDE_DEPTH:
+            out.append(line)
+            continue
+        for pattern in words[1:]:
+            pattern = os.path.expanduser(pattern)
+            if not os.path.isabs(pattern):
+                pattern = str(user_ssh_dir() / pattern)
+            for name in sorted(glob.glob(pattern)):
+                out.append(expand_includes(Path(name), depth + 1))
+        out.append(block or "Host *")  # back under the block the Include stood in
+    return "\n".join(out) + "\n"
 
 
 @dataclass

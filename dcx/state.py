@@ -127,6 +127,9 @@ class ClusterState:
     resources: dict[str, Any] = field(default_factory=dict)  # provider write-ahead journal
     host_keys: dict[str, dict[str, str]] = field(default_factory=dict)  # node -> {address, type, key}
     spec: dict[str, Any] = field(default_factory=dict)  # the last applied spec, for destroy/status by name
+    # Images put on the nodes (`dcx image import|load`), by tarball SHA-256: {kind, refs, file}; nodes that
+    # join later get them (dcx.images). The tarballs are kept in the cluster directory (images/, 0600).
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -148,6 +151,7 @@ class ClusterState:
 _SHAPE: dict[str, type | tuple[type, ...]] = {
     "name": str, "id": str, "engine": str, "spec_file": str, "created_at": str, "updated_at": str,
     "status": str, "nodes": dict, "resources": dict, "host_keys": dict, "spec": dict, "schema_version": int,
+    "images": dict,
 }
 
 
@@ -193,6 +197,8 @@ class ClusterDir:
         self.root = root
         self.path = root / "clusters" / name
         self.mirror = mirror  # dcx.stores.mirror.Mirror of a bucket store, else None
+        self._held = False  # this run holds the cluster's lock (through this object)
+        self._removed = False  # remove() ran under the lock: the directory goes when the lock is released
 
     def _pulled(self) -> None:
         """A bucket store's objects of this cluster, downloaded once per run (a locked run pulls again)."""
@@ -314,7 +320,9 @@ class ClusterDir:
                 with self._locked(command):
                     yield
             finally:
-                if self.path in made and not self.state_file.exists() and self.path.is_dir():
+                if self._removed:  # still inside a bucket store's lock: no other run takes it before
+                    self._remove_local()
+                elif self.path in made and not self.state_file.exists() and self.path.is_dir():
                     import shutil
 
                     shutil.rmtree(self.path, ignore_errors=True)
@@ -323,18 +331,30 @@ class ClusterDir:
                             d.rmdir()
 
     def remove(self) -> None:
-        """The cluster is gone: its directory, and in a bucket store its objects (under the lock)."""
+        """The cluster is gone: its state (a bucket store's objects) and its directory. Called by the
+        holder of the cluster's lock (destroy), the objects go at once and the directory when the lock
+        is released, so the removal and the release are one locked sequence: no other run can take the
+        lock in between. Called without the lock, it takes it for that."""
+        held = self._held or (self.mirror is not None and self.name in self.mirror.locks)
+        if not held:
+            if self.mirror is None:
+                self._remove_local()
+                return
+            with self.lock("destroy (removing state)"):
+                self.remove()
+            return
+        if self.mirror is not None:
+            self.mirror.remove_objects(self.name)
+        self._removed = True
+
+    def _remove_local(self) -> None:
         import shutil
 
+        shutil.rmtree(self.path, ignore_errors=True)
         if self.mirror is not None:
-            with self.mirror.locked(self.name, self.path, "destroy (removing state)"):
-                self.mirror.remove_objects(self.name)
-                shutil.rmtree(self.path, ignore_errors=True)  # before the lock's closing push
             shutil.rmtree(self.mirror.machine_root / self.name, ignore_errors=True)
             with contextlib.suppress(OSError):
                 self.mirror.machine_root.rmdir()  # the store's, when no cluster of it is left here
-        if self.path.exists():
-            shutil.rmtree(self.path)
 
     @contextlib.contextmanager
     def _locked(self, command: str) -> Iterator[None]:
@@ -353,11 +373,13 @@ class ClusterDir:
                 f"cluster '{self.name}' is locked by {who}{cmd}{since}",
                 hint="wait for it to finish; the lock is released when that process exits",
             ) from None
+        self._held = True
         try:
             atomic_write(info_file, json.dumps(
                 {"pid": os.getpid(), "host": socket.gethostname(), "started": now_iso(), "command": command}))
             yield
         finally:
+            self._held = False
             with contextlib.suppress(FileNotFoundError):
                 info_file.unlink()
             lock.release()

@@ -19,9 +19,26 @@ class NodeHealth:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class EngineBackup:
+    """An engine's control-plane state, as `dcx cluster backup` archives it and `create --restore` gives it
+    back: archive members by name, the node it was taken from, and secrets (only ever inside the 0600
+    archive: an unlock key, a cluster token)."""
+
+    files: dict[str, bytes]
+    source: str = ""
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
+
+
 class ClusterEngine:
     type: str = ""
     uses_docker: bool = True  # the container runtime dcx installs and starts (k3s brings its own)
+    # `create --restore`: the control plane is rebuilt from this backup instead of initialised empty.
+    restore: EngineBackup | None = None
+
+    def backup(self, ctx: RunContext) -> EngineBackup:
+        """Take a consistent copy of the control plane's state from one control node."""
+        raise NotImplementedError
 
     def phases(self, ctx: RunContext) -> list[Phase]:
         raise NotImplementedError

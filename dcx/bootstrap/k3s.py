@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dcx.bootstrap.engines import ClusterEngine, NodeHealth, engine_address
+from dcx.bootstrap.engines import ClusterEngine, EngineBackup, NodeHealth, engine_address
 from dcx.bootstrap.mesh import IFACE as MESH_IFACE
 from dcx.bootstrap.mesh import private_address
 from dcx.bootstrap.phases import Host, Phase, RunContext, run_phases
-from dcx.bootstrap.runtime import RUNNING_FUNCTION
+from dcx.bootstrap.runtime import PROXY_ENV_SOURCE, RUNNING_FUNCTION
 from dcx.errors import OperationFailed
 from dcx.log import log, register_secret
 from dcx.shell import cmd, q
@@ -350,7 +350,7 @@ def detached_start_command(role: str) -> str:
     It reads /etc/rancher/k3s/config.yaml itself. The modprobes are the service unit's ExecStartPre."""
     return (f"mkdir -p /run/dcx; modprobe br_netfilter 2>/dev/null; modprobe overlay 2>/dev/null; "
             f"{RUNNING_FUNCTION}; if running \"$(cat {PIDFILE} 2>/dev/null)\" k3s; then :; else "
-            f"setsid {BIN} {role} >>{LOG} 2>&1 </dev/null & echo $! > {PIDFILE}; fi")
+            f"{PROXY_ENV_SOURCE}; setsid {BIN} {role} >>{LOG} 2>&1 </dev/null & echo $! > {PIDFILE}; fi")
 
 
 def detached_stop_command() -> str:
@@ -367,6 +367,15 @@ def start_command(init: str, role: str) -> str:
     if init == "openrc":
         return f"rc-update add {svc} default >/dev/null 2>&1; rc-service {svc} start"
     return detached_start_command(role)
+
+
+def stop_command(init: str, role: str) -> str:
+    svc = service_name(role)
+    if init == "systemd":
+        return f"systemctl stop {svc}"
+    if init == "openrc":
+        return f"rc-service {svc} stop"
+    return detached_stop_command()
 
 
 def restart_command(init: str, role: str) -> str:
@@ -722,6 +731,7 @@ class GatherK3sState(Phase):
 
 class UploadAirgap(Phase):
     title = "Upload k3s (air-gapped)"
+    pipelined = True  # after its own state is read
 
     def __init__(self, run: K3sRun) -> None:
         self.k3s = run
@@ -765,6 +775,14 @@ class _K3sNodes(Phase):
     def needs_run(self, ctx: RunContext, host: Host) -> bool:
         return bool(self.k3s.actions(ctx, host))
 
+    @staticmethod
+    def _proxied(host: Host, command: str) -> str:
+        if not host.data.get("proxy"):
+            return command
+        from dcx.bootstrap.proxy import with_env
+
+        return with_env(command)
+
     def run(self, ctx: RunContext, host: Host) -> None:
         init, role = host.facts.init, k3s_role(host.node.role)
         config = self.k3s.config(ctx, host)
@@ -774,10 +792,12 @@ class _K3sNodes(Phase):
                 host.run(write_config_command(), stdin=text, timeout=60, check=True, what=f"writing {CONFIG}")
             elif action == "install":
                 if not self.k3s.airgap:
-                    host.run(fetch_script_command(), timeout=300, check=True,
+                    host.run(self._proxied(host, fetch_script_command()), timeout=300, check=True,
                              what=f"downloading k3s's install script ({INSTALL_URL})")
                 env = install_env(init, role, version=self.k3s.version, airgap=bool(self.k3s.airgap))
-                host.run(install_command(env), timeout=900, check=True, what="k3s's install script")
+                # With a proxy, the script downloads through it and writes it into the service's env file.
+                host.run(self._proxied(host, install_command(env)), timeout=900, check=True,
+                         what="k3s's install script")
             elif action == "link":
                 if init in ("systemd", "openrc"):
                     raise OperationFailed(
@@ -973,8 +993,16 @@ class K3sEngine(ClusterEngine):
         phases: list[Phase] = [GatherK3sState(run)]
         if run.airgap:
             phases.append(UploadAirgap(run))
-        return phases + [InitK3s(run), JoinK3sServers(run), JoinK3sAgents(run), LabelK3sNodes(), VerifyK3s(),
-                         FetchKubeconfig()]
+        restore: list[Phase] = []
+        prune: list[Phase] = []
+        if self.restore is not None:  # `create --restore`: the backup's token, then its snapshot on the first server
+            use_backup_token(ctx, run, self.restore)
+            restore, prune = [RestoreK3s(run, self.restore)], [PruneOldK3sNodes()]
+        return phases + [InitK3s(run), *restore, JoinK3sServers(run), JoinK3sAgents(run), LabelK3sNodes(), *prune,
+                         VerifyK3s(), FetchKubeconfig()]
+
+    def backup(self, ctx: RunContext) -> EngineBackup:
+        return backup_k3s(ctx, api_host(ctx))
 
     def health(self, ctx: RunContext, api: Host | None = None) -> dict[str, NodeHealth]:
         api = api or api_host(ctx)
@@ -1023,6 +1051,111 @@ class K3sEngine(ClusterEngine):
 
     def reset_phases(self, ctx: RunContext, purge: bool) -> list[Phase]:
         return [ResetK3s()]
+
+
+# --- backup and restore (docs.k3s.io/cli/etcd-snapshot) -----------------------------------------------
+
+SNAPSHOT_MEMBER = "etcd-snapshot"
+BACKUP_DIR = "/var/lib/rancher/k3s/server/db/dcx-backup"  # a directory of its own: the one file in it is ours
+RESTORE_DIR = "/var/lib/rancher/k3s/server/db/dcx-restore"
+RESTORED_MARKER = f"{DCX_DIR}/restored"  # the first server was reset from the snapshot (a re-run skips it)
+
+
+def snapshot_save_command(name: str, directory: str = BACKUP_DIR) -> str:
+    """An on-demand snapshot; k3s names the file NAME-NODE-TIMESTAMP in the directory."""
+    return cmd(BIN, "etcd-snapshot", "save", "--name", name, "--etcd-snapshot-dir", directory)
+
+
+def cluster_reset_command(path: str) -> str:
+    """Reset the embedded etcd to one member restored from the snapshot; k3s exits when done and is then
+    started normally (it reads the token and everything else from config.yaml)."""
+    return cmd(BIN, "server", "--cluster-reset", f"--cluster-reset-restore-path={path}")
+
+
+def backup_k3s(ctx: RunContext, api: Host) -> EngineBackup:
+    """An etcd snapshot taken on a server (etcd stays up), copied back, and the cluster token: k3s restores a
+    snapshot only with the token of the cluster that took it."""
+    name = f"dcx-{ctx.cluster_name}"
+    api.run(f"rm -rf {q(BACKUP_DIR)}", timeout=60, check=True, what="clearing the snapshot directory")
+    api.run(snapshot_save_command(name), timeout=600, check=True, what="k3s etcd-snapshot save")
+    files = api.run(f"ls -1 {q(BACKUP_DIR)}", timeout=60, check=True, what="listing the snapshot").stdout.split()
+    if len(files) != 1:
+        raise OperationFailed(f"k3s etcd-snapshot save left {len(files)} files in {BACKUP_DIR} on {api.name}")
+    try:
+        data = api.conn.download(f"{BACKUP_DIR}/{files[0]}")
+    finally:
+        api.run(f"rm -rf {q(BACKUP_DIR)}", timeout=60)
+    token = load_or_make_token(ctx)
+    return EngineBackup({SNAPSHOT_MEMBER: data}, source=api.name, secrets={TOKEN_SECRET: token})
+
+
+def use_backup_token(ctx: RunContext, run: K3sRun, backup: EngineBackup) -> None:
+    """The restored cluster keeps the old token (its bootstrap data is encrypted with it): it is written to
+    the cluster directory (0600) before any node gets its config."""
+    from dcx.state import atomic_write
+
+    token = backup.secrets.get(TOKEN_SECRET, "")
+    if not token:
+        raise OperationFailed("the backup holds no k3s token: it cannot be restored")
+    register_secret(token)
+    if ctx.secrets_dir is not None:
+        atomic_write(ctx.secrets_dir.secret_file(TOKEN_SECRET), token + "\n", 0o600)
+    run._token = token
+
+
+class RestoreK3s(Phase):
+    """The first server is reset from the snapshot (docs.k3s.io/cli/etcd-snapshot, "Restoring a Cluster from
+    a Snapshot"): k3s stopped, `k3s server --cluster-reset --cluster-reset-restore-path=FILE`, then started
+    normally; the other servers join it as usual (they are new machines with no db directory)."""
+
+    title = "Restore etcd from the backup on the first control node"
+    serial = True
+
+    def __init__(self, run: K3sRun, backup: EngineBackup) -> None:
+        self.k3s, self.backup = run, backup
+
+    def hosts(self, ctx: RunContext) -> list[Host]:
+        _, target = self.k3s.topology(ctx)  # the first server, or (a resumed run) the one the others join
+        return [ctx.host(target)]
+
+    def needs_run(self, ctx: RunContext, host: Host) -> bool:
+        return not host.run(f"test -f {RESTORED_MARKER}", timeout=30).ok
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        init = host.facts.init
+        path = f"{RESTORE_DIR}/{SNAPSHOT_MEMBER}"
+        host.run(f"mkdir -p -m 700 {q(RESTORE_DIR)}", timeout=60, check=True, what=f"making {RESTORE_DIR}")
+        host.conn.upload(self.backup.files[SNAPSHOT_MEMBER], path, mode=0o600)
+        host.run(stop_command(init, "server"), timeout=120, check=True, what="stopping k3s")
+        host.run(cluster_reset_command(path), timeout=900, check=True, what="k3s server --cluster-reset")
+        host.run(f"mkdir -p {q(DCX_DIR)} && touch {RESTORED_MARKER} && rm -rf {q(RESTORE_DIR)}", timeout=60,
+                 check=True, what="recording the restore")
+        host.run(start_command(init, "server"), timeout=300, check=True, what="starting k3s")
+        wait_until(host, READYZ, 300, init, "server", f"the k3s API on {host.name} did not become ready")
+        # The snapshot holds the old machine's node password for this name (k3s keeps it as the secret
+        # NODE.node-password.k3s in kube-system): this machine's differs, so the old one goes.
+        host.run(kubectl("-n", "kube-system", "delete", "secret", f"{host.name}.node-password.k3s",
+                         "--ignore-not-found"), timeout=60, check=True, what="forgetting the old node password")
+
+
+class PruneOldK3sNodes(Phase):
+    """After a restore, the old cluster's machines are still nodes of the snapshot: every node that is not one
+    of this cluster's is deleted."""
+
+    title = "Remove the old cluster's nodes"
+
+    def hosts(self, ctx: RunContext) -> list[Host]:
+        return [api_host(ctx)]
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        ours = {h.name for h in ctx.hosts}
+        old = sorted(n for n in (i.get("metadata", {}).get("name") for i in get_nodes(host).get("items") or [])
+                     if n and n not in ours)
+        for name in old:
+            host.run(kubectl("delete", "node", name, "--ignore-not-found"), timeout=180, check=True,
+                     what=f"deleting node {name}")
+        if old:
+            ctx.reporter.note(f"removed {len(old)} node(s) of the old cluster: {', '.join(old)}")
 
 
 def run_k3s(ctx: RunContext) -> None:

@@ -14,6 +14,8 @@ back to wireguard-go where the kernel has no WireGuard. Peer changes are applied
 without restarting the interface. `Table = off`: the interface address covers the whole mesh range,
 so no per-peer routes are needed.
 
+Pairs with no direct path (two sites with no inbound path) go through a relay: dcx.bootstrap.relay.
+
 "Configured" is decided from the interface itself (up, its address, MTU and port, its key, every
 peer's key, AllowedIPs and keepalive, read with `wg show dcx0 dump` on the node and never printing the
 private key) and from the file dcx last applied, renamed into place only after it was applied: a run
@@ -86,13 +88,17 @@ def render_public_conf(ctx: RunContext, me: Host) -> str:
     """Everything of dcx0's config but the private key (which the node adds itself)."""
     net = ipaddress.ip_network(ctx.spec.spec.network.meshCIDR)
     port = ctx.spec.spec.network.meshPort
+    from dcx.bootstrap.relay import conf_allowed_ips, conf_hooks
+
     lines = [f"Address = {me.data['mesh_address']}/{net.prefixlen}", f"ListenPort = {port}", f"MTU = {MTU}",
-             "Table = off", ""]
+             "Table = off", *conf_hooks(ctx, me), ""]
+    allowed = conf_allowed_ips(ctx, me)  # a pair routed through a relay: the relay's entry carries it
     for peer in sorted(ctx.hosts, key=lambda h: h.name):
         if peer is me:
             continue
+        ips = ", ".join(f"{a}/32" for a in allowed[peer.name])
         lines += [f"# {peer.name}", "[Peer]", f"PublicKey = {peer.data['mesh_pubkey']}",
-                  f"AllowedIPs = {peer.data['mesh_address']}/32", f"Endpoint = {peer_endpoint(me, peer, port)}"]
+                  *([f"AllowedIPs = {ips}"] if ips else []), f"Endpoint = {peer_endpoint(me, peer, port)}"]
         if me.node.network != peer.node.network or not me.node.network:
             lines.append(f"PersistentKeepalive = {KEEPALIVE}")
         lines.append("")
@@ -231,6 +237,7 @@ def read_link(host: Host) -> dict[str, Any]:
 
 class InstallWireGuard(Phase):
     title = "Install WireGuard"
+    pipelined = True  # after its own runtime
 
     def needs_run(self, ctx: RunContext, host: Host) -> bool:
         return (not host.facts.wg_bin or (not host.facts.wg_kernel and not host.facts.wggo_bin)
@@ -245,6 +252,7 @@ class MeshKeys(Phase):
     """Done when the node has a key whose public half can be read (dcx collects it either way)."""
 
     title = "Make WireGuard keys on each node"
+    pipelined = True  # the key exchange (Configure) is the barrier
 
     def needs_run(self, ctx: RunContext, host: Host) -> bool:
         out = host.run(f"wg pubkey < {KEY_DIR}/private.key", timeout=60)
@@ -326,9 +334,12 @@ class MeshVerify(Phase):
         if down:
             return (f"no answer over the mesh from {names} after {self.timeout:.0f}s: {IFACE} is not up on "
                     f"{', '.join(down)} (a re-run brings it up)")
+        relay = ("; or let dcx route such pairs through a node both reach: spec.network.relays: auto"
+                 if ctx.spec.spec.network.relays == "none"
+                 else "; no node allowed by spec.network.relays reaches both directly")
         return (f"no answer over the mesh from {names} after {self.timeout:.0f}s: check that UDP "
                 f"{ctx.spec.spec.network.meshPort} reaches those nodes (firewall, NAT port forward, or set their "
-                "mesh endpoint: inventory dcx_mesh_endpoint=HOST:PORT)")
+                "mesh endpoint: inventory dcx_mesh_endpoint=HOST:PORT)" + relay)
 
 
 def link_up(host: Host) -> bool:
@@ -342,7 +353,9 @@ def link_up(host: Host) -> bool:
 def mesh_phases(ctx: RunContext) -> list[Phase]:
     if not mesh_wanted(ctx):
         return []
-    return [InstallWireGuard(), MeshKeys(), MeshConfigure(), MeshVerify()]
+    from dcx.bootstrap.relay import relay_phases
+
+    return [InstallWireGuard(), MeshKeys(), MeshConfigure(), *relay_phases(ctx), MeshVerify()]
 
 
 class MeshReset(Phase):

@@ -5,6 +5,13 @@ never at recorded state), and runs on the hosts that need it, in parallel on a b
 phase fails on some hosts the run stops before the next phase and reports each failed host with its
 error and the last lines of output; the hosts that succeeded keep what they did, and a re-run
 picks up from there.
+
+Between two phases every host waits for the slowest (a barrier), unless the later phase is
+`pipelined`: it only needs the same host to have finished the phase before (connect, then set the
+hostname, then gather facts). A phase and the pipelined phases after it run as one chain per host,
+so a fast host goes on while a slow one is still in an earlier phase. Phases that need the whole
+cluster (preflight's duplicate checks, the mesh key exchange, the first manager before any join,
+verification) stay barriers. Each host's time in each phase is written to the run log.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -95,6 +103,10 @@ class Phase:
     title: str = ""
     serial: bool = False  # run hosts one after another (e.g. control-plane joins, one member at a time)
     read_only: bool = False  # only looks (connect, facts, verify): reported as "ok", never as "changed"
+    # A host may start this phase as soon as it has itself finished the phase before, without waiting
+    # for the other hosts. Only for phases whose `hosts`, `prepare`, `needs_run` and `run` look at no
+    # other host's results of the phases before (they run when the first host gets here).
+    pipelined: bool = False
 
     def hosts(self, ctx: RunContext) -> list[Host]:
         return ctx.hosts
@@ -153,8 +165,55 @@ def kill_point(name: str) -> None:
 
 
 def run_phases(ctx: RunContext, phases: list[Phase]) -> None:
+    """Run the phases in order: every host waits for the others before each phase, except before a
+    pipelined one (a phase and the pipelined phases after it run as one chain per host)."""
+    for group in pipeline_groups(phases):
+        if len(group) == 1:
+            run_phase(ctx, group[0])
+        else:
+            _Chain(ctx, group).run()
+
+
+def pipeline_groups(phases: list[Phase]) -> list[list[Phase]]:
+    """Each phase together with the pipelined phases right after it."""
+    groups: list[list[Phase]] = []
     for phase in phases:
-        run_phase(ctx, phase)
+        if phase.pipelined and groups:
+            groups[-1].append(phase)
+        else:
+            groups.append([phase])
+    return groups
+
+
+def _take_turn(ctx: RunContext, phase: Phase, host: Host) -> str:
+    """One host's turn in a phase; returns its outcome. Its time goes to the run log."""
+    started = time.monotonic()
+    if not phase.needs_run(ctx, host):
+        outcome = "skipped"
+    else:
+        phase.run(ctx, host)
+        outcome = "ok" if phase.read_only else "changed"
+    log.info("%s: %s: %s in %.2fs", phase.title, host.name, outcome, time.monotonic() - started)
+    return outcome
+
+
+def _host_failure(phase: Phase, host: Host, error: BaseException) -> HostFailure:
+    message, output = describe_error(error)
+    log.error("%s: %s: %s\n%s", phase.title, host.name, message, output)
+    if not isinstance(error, OperationFailed):
+        log.debug("traceback", exc_info=error)
+    return HostFailure(host.name, redact(message), redact(output), getattr(error, "hint", None))
+
+
+def _counts(outcomes: list[str | None]) -> tuple[int, int]:
+    """(changed, unchanged): a read-only phase's "ok" counts as unchanged."""
+    return (sum(1 for r in outcomes if r == "changed"), sum(1 for r in outcomes if r in ("skipped", "ok")))
+
+
+def _phase_done(ctx: RunContext, title: str, changed: int, skipped: int, failed: int, started: float) -> None:
+    log.info("<== %s: %d changed, %d unchanged, %d failed in %.2fs", title, changed, skipped, failed,
+             time.monotonic() - started)
+    ctx.reporter.phase_done(title, changed, skipped, failed)
 
 
 def run_phase(ctx: RunContext, phase: Phase) -> None:
@@ -164,14 +223,11 @@ def run_phase(ctx: RunContext, phase: Phase) -> None:
         return
     ctx.reporter.phase_started(phase.title, [h.name for h in hosts])
     log.info("==> %s (%d hosts)", phase.title, len(hosts))
+    started = time.monotonic()
     phase.prepare(ctx)
 
     def one(host: Host) -> str:
-        if not phase.needs_run(ctx, host):
-            ctx.reporter.host_done(phase.title, host.name, "skipped")
-            return "skipped"
-        phase.run(ctx, host)
-        outcome = "ok" if phase.read_only else "changed"
+        outcome = _take_turn(ctx, phase, host)
         ctx.reporter.host_done(phase.title, host.name, outcome)
         return outcome
 
@@ -179,14 +235,130 @@ def run_phase(ctx: RunContext, phase: Phase) -> None:
     failures: list[HostFailure] = []
     for host, _, error in results:
         if error is not None:
-            message, output = describe_error(error)
-            log.error("%s: %s: %s\n%s", phase.title, host.name, message, output)
-            if not isinstance(error, OperationFailed):
-                log.debug("traceback", exc_info=error)
-            ctx.reporter.host_done(phase.title, host.name, "failed", redact(message))
-            failures.append(HostFailure(host.name, redact(message), redact(output), getattr(error, "hint", None)))
-    changed = sum(1 for _, r, _ in results if r == "changed")
-    skipped = sum(1 for _, r, _ in results if r in ("skipped", "ok"))
-    ctx.reporter.phase_done(phase.title, changed, skipped, len(failures))
+            failure = _host_failure(phase, host, error)
+            ctx.reporter.host_done(phase.title, host.name, "failed", failure.error)
+            failures.append(failure)
+    changed, skipped = _counts([r for _, r, _ in results])
+    _phase_done(ctx, phase.title, changed, skipped, len(failures), started)
     if failures:
         raise PhaseFailed(phase.title, failures, len(hosts))
+
+
+class _Stage:
+    """One phase of a chain. It is set up (kill point, hosts, prepare) when the first host gets to it."""
+
+    def __init__(self, phase: Phase, hosts: int) -> None:
+        self.phase = phase
+        self.setup_lock = threading.Lock()
+        self.turn_lock = threading.Lock()  # a serial phase's hosts take turns
+        self.ready = False
+        self.names: set[str] = set()
+        self.error: BaseException | None = None  # from hosts() or prepare(): every host of the phase fails with it
+        self.started = 0.0
+        self.outcomes: dict[str, str] = {}
+        self.failures: dict[str, HostFailure] = {}
+        self.waiting = hosts  # hosts that have not got past this phase yet
+        self.held: list[Any] = []  # reporter calls held until the phases before are reported done
+
+
+class _Chain:
+    """A phase and the pipelined phases after it, run as one chain per host on one bounded pool.
+
+    The reporter sees the same sequence as for phases run one after another: a phase's events are held
+    until every earlier phase of the chain is reported done. A host that fails stops its chain; after
+    every chain has ended, the first phase with failures raises PhaseFailed naming its hosts."""
+
+    def __init__(self, ctx: RunContext, phases: list[Phase]) -> None:
+        self.ctx = ctx
+        self.stages = [_Stage(p, len(ctx.hosts)) for p in phases]
+        self.lock = threading.Lock()  # the stages' counts and the reporter
+        self.current = 0  # the phase whose events reach the reporter as they happen
+
+    def run(self) -> None:
+        for _, _, error in fan_out(self._chain, self.ctx.hosts, self.ctx.parallel):
+            if error is not None:  # the runner's own bug, not a host's failure
+                raise error
+        order = {h.name: i for i, h in enumerate(self.ctx.hosts)}
+        for stage in self.stages:
+            if stage.failures:
+                failures = [stage.failures[n] for n in sorted(stage.failures, key=order.__getitem__)]
+                raise PhaseFailed(stage.phase.title, failures, len(stage.names))
+
+    def _chain(self, host: Host) -> None:
+        failed = False
+        for i, stage in enumerate(self.stages):
+            if not failed:
+                self._set_up(i)
+                if host.name in stage.names:
+                    failed = not self._turn(i, host)
+            with self.lock:
+                stage.waiting -= 1
+                self._advance()
+
+    def _turn(self, i: int, host: Host) -> bool:
+        stage = self.stages[i]
+        title = stage.phase.title
+        try:
+            if stage.error is not None:
+                raise stage.error
+            if stage.phase.serial:
+                with stage.turn_lock:
+                    outcome = _take_turn(self.ctx, stage.phase, host)
+            else:
+                outcome = _take_turn(self.ctx, stage.phase, host)
+        except BaseException as exc:  # noqa: BLE001 - reported per host, as run_phase does
+            failure = _host_failure(stage.phase, host, exc)
+            with self.lock:
+                stage.failures[host.name] = failure
+                self._report(i, lambda: self.ctx.reporter.host_done(title, host.name, "failed", failure.error))
+            return False
+        with self.lock:
+            stage.outcomes[host.name] = outcome
+            self._report(i, lambda: self.ctx.reporter.host_done(title, host.name, outcome))
+        return True
+
+    def _set_up(self, i: int) -> None:
+        stage = self.stages[i]
+        with stage.setup_lock:
+            if stage.ready:
+                return
+            try:
+                kill_point(f"phase:{stage.phase.title}")
+                try:
+                    hosts = [h.name for h in stage.phase.hosts(self.ctx)]
+                except BaseException:
+                    hosts = [h.name for h in self.ctx.hosts]
+                    raise
+                finally:
+                    stage.names = set(hosts)
+                    if hosts:
+                        stage.started = time.monotonic()
+                        log.info("==> %s (%d hosts)", stage.phase.title, len(hosts))
+                        with self.lock:
+                            self._report(i, lambda: self.ctx.reporter.phase_started(stage.phase.title, hosts))
+                if hosts:
+                    stage.phase.prepare(self.ctx)
+            except BaseException as exc:  # noqa: BLE001 - every host of the phase fails with it
+                stage.error = exc
+            finally:
+                stage.ready = True
+
+    def _report(self, i: int, event: Any) -> None:
+        """Under self.lock: the reporter hears of phase i now, or once the phases before it are done."""
+        if i == self.current:
+            event()
+        else:
+            self.stages[i].held.append(event)
+
+    def _advance(self) -> None:
+        """Under self.lock: report done every phase, in order, that no host is still to get past."""
+        while self.current < len(self.stages) and self.stages[self.current].waiting == 0:
+            stage = self.stages[self.current]
+            if stage.names:
+                changed, skipped = _counts(list(stage.outcomes.values()))
+                _phase_done(self.ctx, stage.phase.title, changed, skipped, len(stage.failures), stage.started)
+            self.current += 1
+            if self.current < len(self.stages):
+                held, self.stages[self.current].held = self.stages[self.current].held, []
+                for event in held:
+                    event()

@@ -95,7 +95,11 @@ class HostKeyStore:
             if known is None:
                 self.keys[target.name] = seen
                 log.info("%s: recorded host key %s %s (first use)", target.name, seen["type"], fingerprint(key))
-                self._on_change()
+                try:
+                    self._on_change()
+                except BaseException:  # not recorded (a bucket store holds another key for it): not trusted
+                    self.keys.pop(target.name, None)
+                    raise
                 return
         if known["type"] != seen["type"] or known["key"] != seen["key"]:
             raise HostKeyMismatch(
@@ -425,6 +429,23 @@ class Connection:
             sftp.chmod(tmp, 0o600)
         self.run(f"install -m {mode:o} {q(tmp)} {q(dest)}; rc=$?; rm -f {q(tmp)}; exit $rc",
                  check=True, what=f"install {dest}")
+
+    def download(self, path: str) -> bytes:
+        """The bytes of the remote file `path` over SFTP (upload's counterpart); a file only root may read
+        is copied first to a private temporary file the login user owns."""
+        if self.is_root:
+            with self._sftp() as sftp, sftp.open(path, "rb") as fh:
+                fh.prefetch()
+                return fh.read()
+        tmp = f"/tmp/.dcx-download-{time.monotonic_ns()}"
+        user = q(self.target.user)
+        self.run(f"install -m 600 -o {user} {q(path)} {q(tmp)}", check=True, what=f"reading {path}")
+        try:
+            with self._sftp() as sftp, sftp.open(tmp, "rb") as fh:
+                fh.prefetch()
+                return fh.read()
+        finally:
+            self.run(f"rm -f {q(tmp)}", timeout=60)
 
 
 def _drain(chan: paramiko.Channel, deadline: float, host: str) -> tuple[bytes, bytes]:

@@ -9,18 +9,20 @@ local user in the process table), never in an environment, never stored, never p
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import threading
 import time
 from typing import Any
 
 from dcx.bootstrap import docker_api
 from dcx.bootstrap.docker_api import EngineAPIError
-from dcx.bootstrap.engines import ClusterEngine, NodeHealth, engine_address
+from dcx.bootstrap.engines import ClusterEngine, EngineBackup, NodeHealth, engine_address
 from dcx.bootstrap.phases import Host, Phase, RunContext, run_phases
 from dcx.errors import OperationFailed
 from dcx.log import log, register_secret
-from dcx.shell import cmd
+from dcx.shell import cmd, q
 
 SWARM_PORT = 2377
 LABEL_NODE = "dcx.node"
@@ -39,8 +41,10 @@ def is_manager(info: dict[str, Any]) -> bool:
     return is_active(info) and bool(info.get("ControlAvailable"))
 
 
-def init_command(advertise: str, data_path: str | None = None) -> str:
+def init_command(advertise: str, data_path: str | None = None, force_new_cluster: bool = False) -> str:
     argv = ["docker", "swarm", "init", "--advertise-addr", advertise, "--listen-addr", f"{advertise}:{SWARM_PORT}"]
+    if force_new_cluster:  # a restored raft directory: this node alone becomes its swarm's manager
+        argv.append("--force-new-cluster")
     if data_path:
         argv += ["--data-path-addr", data_path]
     return cmd(*argv)
@@ -65,6 +69,7 @@ def join_swarm(host: Host, token: str, advertise: str, manager_addr: str, data_p
 class GatherSwarmState(Phase):
     title = "Read swarm membership"
     read_only = True
+    pipelined = True  # its own daemon (and mesh) up is all it needs
 
     def run(self, ctx: RunContext, host: Host) -> None:
         host.data["swarm"] = settled_swarm_info(host)
@@ -244,6 +249,8 @@ class JoinManagers(_Join):
 class JoinWorkers(_Join):
     title = "Join workers"
     role = "worker"
+    # Through the first manager, initialised before: workers need not wait for the other managers' joins.
+    pipelined = True
 
 
 def swarm_nodes(manager: Host) -> list[dict[str, Any]]:
@@ -324,6 +331,7 @@ class LabelNodes(Phase):
 
     def run(self, ctx: RunContext, host: Host) -> None:
         by_id = {n["ID"]: n for n in swarm_nodes(host)}
+        label_updates: list[tuple[str, str]] = []
         for h in ctx.hosts:
             node_id = h.data.get("swarm", {}).get("NodeID")
             current = by_id.get(node_id)
@@ -335,11 +343,12 @@ class LabelNodes(Phase):
             for k, v in desired_labels(ctx, h).items():
                 if have.get(k) != v:
                     args += ["--label-add", f"{k}={v}"]
-            if current.get("Spec", {}).get("Role") != want_role:
-                args += ["--role", want_role]
-            if args:
-                host.run(cmd("docker", "node", "update", *args, node_id), timeout=60, check=True,
+            if current.get("Spec", {}).get("Role") != want_role:  # role changes: one at a time
+                host.run(cmd("docker", "node", "update", *args, "--role", want_role, node_id), timeout=60, check=True,
                          what=f"labelling {h.name}")
+            elif args:
+                label_updates.append((h.name, cmd("docker", "node", "update", *args, node_id)))
+        update_side_by_side(host, label_updates)
         # Entries left by machines that were replaced (same dcx.node label, other ID, down) are pruned.
         current_ids = {h.data.get("swarm", {}).get("NodeID") for h in ctx.hosts}
         names = {h.name for h in ctx.hosts}
@@ -347,6 +356,22 @@ class LabelNodes(Phase):
             label = (n.get("Spec", {}).get("Labels") or {}).get(LABEL_NODE)
             if node_id not in current_ids and label in names and n.get("Status", {}).get("State") == "down":
                 host.run(cmd("docker", "node", "rm", "--force", node_id), timeout=60)
+
+
+LABEL_BATCH = 10  # docker CLIs at once on the manager
+
+
+def update_side_by_side(manager: Host, updates: list[tuple[str, str]]) -> None:
+    """Label updates (node name, command) in one session on the manager, up to LABEL_BATCH at once: one
+    after another, each a session and a raft write, 19 workers took 5 s. Failures name their nodes."""
+    if not updates:
+        return
+    batches = [updates[i:i + LABEL_BATCH] for i in range(0, len(updates), LABEL_BATCH)]
+    script = " ".join(" ".join(f"{{ out=$({command} 2>&1) || printf '%s: %s\\n' {q(name)} \"$out\"; }} &"
+                               for name, command in batch) + " wait;" for batch in batches)
+    failed = manager.run(script, timeout=60 * len(batches), check=True, what="labelling nodes").stdout.strip()
+    if failed:
+        raise OperationFailed("labelling nodes failed: " + "; ".join(failed.splitlines()))
 
 
 class VerifySwarm(Phase):
@@ -389,8 +414,14 @@ class SwarmEngine(ClusterEngine):
         if len(ctx.control_hosts) % 2 == 0:
             ctx.reporter.note(f"warning: {len(ctx.control_hosts)} control nodes: swarm's raft needs an odd "
                               "number to tolerate failures (3 tolerate 1, 5 tolerate 2)")
+        if self.restore is not None:  # `create --restore`: the first manager starts from the backup's raft data
+            return [GatherSwarmState(), SettleMembership(), RestoreSwarm(self.restore), JoinManagers(), JoinWorkers(),
+                    LabelNodes(), PruneOldNodes(), VerifySwarm()]
         return [GatherSwarmState(), SettleMembership(), InitSwarm(), JoinManagers(), JoinWorkers(), LabelNodes(),
                 VerifySwarm()]
+
+    def backup(self, ctx: RunContext) -> EngineBackup:
+        return backup_swarm(ctx, self._any_manager(ctx))
 
     def health(self, ctx: RunContext, manager: Host | None = None) -> dict[str, NodeHealth]:
         manager = manager or self._any_manager(ctx)
@@ -487,6 +518,225 @@ class SwarmEngine(ClusterEngine):
 
     def reset_phases(self, ctx: RunContext, purge: bool) -> list[Phase]:
         return [LeaveSwarm()]
+
+
+# --- backup and restore -------------------------------------------------------------------------
+# Docker's documented procedure (docs.docker.com/engine/swarm/admin_guide/#back-up-the-swarm): stop dockerd
+# on a manager, copy /var/lib/docker/swarm, start it again; to restore, put that directory on a new node,
+# start dockerd, unlock when autolock is on, then `docker swarm init --force-new-cluster`.
+
+DOCKER_ROOT = "/var/lib/docker"
+SWARM_DIR = f"{DOCKER_ROOT}/swarm"
+RAFT_MEMBER = "swarm.tar.gz"  # the raft directory, as `tar czf - -C /var/lib/docker swarm` writes it
+UNLOCK_KEY = "unlock-key"
+_BACKUP_FILE = f"{DOCKER_ROOT}/dcx-swarm-backup.tar.gz"  # root-only directory: it holds the raft keys
+_RESTORE_FILE = f"{DOCKER_ROOT}/dcx-swarm-restore.tar.gz"
+
+
+def autolock_on(info: dict[str, Any]) -> bool:
+    """`docker info` .Swarm.Cluster.Spec.EncryptionConfig.AutoLockManagers (Engine API ClusterInfo)."""
+    spec = (info.get("Cluster") or {}).get("Spec") or {}
+    return bool((spec.get("EncryptionConfig") or {}).get("AutoLockManagers"))
+
+
+def backup_source(ctx: RunContext, api: Host) -> tuple[Host, int]:
+    """The manager whose raft directory is copied, and how many managers there are. With 3 or more a
+    reachable non-leader: stopping its dockerd leaves a quorum serving. With fewer, the leader (stopping
+    any manager of 2 loses the quorum anyway)."""
+    hosts = {h.name: h for h in ctx.control_hosts}
+    managers = [(name, n) for name, n in nodes_by_name(api).items() if n.get("Spec", {}).get("Role") == "manager"
+                and (n.get("ManagerStatus") or {}).get("Reachability") == "reachable" and name in hosts]
+    if len(managers) >= 3:
+        followers = sorted(name for name, n in managers if not n["ManagerStatus"].get("Leader"))
+        if followers:
+            return hosts[followers[0]], len(managers)
+    leaders = [name for name, n in managers if n["ManagerStatus"].get("Leader")]
+    return (hosts[leaders[0]] if leaders else api), len(managers)
+
+
+def unlock(host: Host, key: str) -> None:
+    """Unlock a manager whose swarm is locked (autolock, after its daemon started): the key goes in the Engine
+    API request body (POST /swarm/unlock) on the SSH session's stdin, never on a command line."""
+    docker_api.call(host.conn, "POST", "/swarm/unlock", {"UnlockKey": key}, what="docker swarm unlock", timeout=60)
+
+
+def restart_docker(host: Host, key: str | None) -> None:
+    from dcx.bootstrap.runtime import docker_start_commands, wait_for_docker
+
+    host.run("set -e; " + "; ".join(docker_start_commands(host.facts)), timeout=120, check=True,
+             what="starting docker")
+    wait_for_docker(host)
+    if key:
+        unlock_when_locked(host, key)
+
+
+def unlock_when_locked(host: Host, key: str, timeout: float = 60.0) -> None:
+    """A manager of an autolocked swarm reports "locked" once its daemon has read the swarm directory (it may
+    report another state first): unlock it then. Returns when it is active, or after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = swarm_info(host).get("LocalNodeState")
+        log.info("%s: swarm state after dockerd started: %s", host.name, state or "inactive")
+        if state == "locked":
+            unlock(host, key)
+            return
+        if state == "active":
+            return
+        time.sleep(1.0)
+
+
+def stop_docker(host: Host) -> None:
+    from dcx.bootstrap.runtime import docker_stop_commands
+
+    host.run("set -e; " + "; ".join(docker_stop_commands(host.facts)), timeout=120, check=True,
+             what="stopping docker")
+
+
+def backup_swarm(ctx: RunContext, api: Host) -> EngineBackup:
+    """Copy a manager's raft directory while its dockerd is stopped (a consistent copy), then start dockerd
+    again and wait until that manager is reachable in the swarm again."""
+    source, managers = backup_source(ctx, api)
+    info = swarm_info(source)
+    key = None
+    if autolock_on(info):
+        key = source.run("docker swarm unlock-key -q", timeout=60, check=True,
+                         what="reading the unlock key").stdout.strip()
+        register_secret(key)
+    if managers < 3:
+        ctx.reporter.note(f"the swarm has {managers} manager(s): its control plane pauses while dockerd on "
+                          f"{source.name} is stopped for the copy (the containers there stop and start again)")
+    else:
+        ctx.reporter.note(f"copying the raft directory of {source.name}, a non-leader manager: the other "
+                          f"{managers - 1} keep the quorum")
+    started = time.monotonic()
+    stop_docker(source)
+    try:
+        source.run(f"umask 077; rm -f {_BACKUP_FILE}; tar czf {_BACKUP_FILE} -C {DOCKER_ROOT} swarm", timeout=600,
+                   check=True, what="copying the swarm's raft directory")
+    finally:
+        restart_docker(source, key)
+    paused = time.monotonic() - started
+    try:
+        data = source.conn.download(_BACKUP_FILE)
+    finally:
+        source.run(f"rm -f {_BACKUP_FILE}", timeout=60)
+    node_id = info.get("NodeID")
+
+    def rejoined() -> bool:
+        if not is_manager(settled_swarm_info(source, timeout=0)):
+            return False
+        n = next((n for n in swarm_nodes(source) if n.get("ID") == node_id), {})
+        return (n.get("ManagerStatus") or {}).get("Reachability") == "reachable"
+
+    wait_for(rejoined, 120.0, f"{source.name} to be a reachable manager again")
+    log.info("swarm raft directory copied from %s (%d bytes; dockerd stopped %.1fs)", source.name, len(data), paused)
+    files = {RAFT_MEMBER: data}
+    return EngineBackup(files, source=source.name, secrets={UNLOCK_KEY: key} if key else {})
+
+
+def retarget(raft: bytes, advertise: str, data_path: str | None) -> bytes:
+    """The raft directory's tarball with its node start config (swarm/docker-state.json: LocalAddr, ListenAddr,
+    AdvertiseAddr, DataPathAddr, as dockerd's daemon/cluster saves them) pointing at the new machine's address:
+    a restored manager starts by listening where the old one did, which this machine cannot bind."""
+    src, out = io.BytesIO(raft), io.BytesIO()
+    with tarfile.open(fileobj=src, mode="r:gz") as tin, tarfile.open(fileobj=out, mode="w:gz") as tout:
+        for info in tin:
+            data = tin.extractfile(info).read() if info.isfile() else None  # type: ignore[union-attr]
+            if info.name == "swarm/docker-state.json" and data is not None:
+                state = json.loads(data)
+                port = f":{SWARM_PORT}"
+                state["LocalAddr"] = advertise
+                state["ListenAddr"] = f"{advertise}{port}"
+                state["AdvertiseAddr"] = advertise + (port if str(state.get("AdvertiseAddr", "")).endswith(port)
+                                                      else "")
+                state["DataPathAddr"] = data_path or ""
+                data = json.dumps(state).encode()
+                info.size = len(data)
+            tout.addfile(info, io.BytesIO(data) if data is not None else None)
+    return out.getvalue()
+
+
+class RestoreSwarm(Phase):
+    """The first control node starts from the backup's raft directory: dockerd stopped, the directory put in
+    place, dockerd started (and unlocked), then `docker swarm init --force-new-cluster` makes it the one
+    manager of the restored swarm (same swarm id, services, secrets, configs, networks)."""
+
+    title = "Restore the swarm from the backup on the first control node"
+
+    def __init__(self, backup: EngineBackup) -> None:
+        self.backup = backup
+
+    def hosts(self, ctx: RunContext) -> list[Host]:
+        manager = find_manager(ctx)
+        if manager is not None:  # a resumed restore: the swarm is back already
+            ctx.shared["swarm_manager"] = manager.name
+            return []
+        return ctx.control_hosts[:1]
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        key = self.backup.secrets.get(UNLOCK_KEY)
+        if key:
+            register_secret(key)
+        addr = engine_address(ctx, host)
+        raft = retarget(self.backup.files[RAFT_MEMBER], addr, host.data.get("mesh_address"))
+        host.conn.upload(raft, _RESTORE_FILE, mode=0o600)
+        stop_docker(host)
+        try:
+            host.run(f"set -e; rm -rf {SWARM_DIR}; tar xzf {_RESTORE_FILE} -C {DOCKER_ROOT}; rm -f {_RESTORE_FILE}",
+                     timeout=600, check=True, what="restoring the swarm's raft directory")
+        finally:
+            restart_docker(host, key)
+        if key:
+            suspend_autolock(ctx, host)
+        host.run(init_command(addr, host.data.get("mesh_address"), force_new_cluster=True), timeout=180, check=True,
+                 what="docker swarm init --force-new-cluster")
+        if key:
+            # On again; swarm makes a new key (its output, the key, goes nowhere: the note says where to read it).
+            host.run("docker swarm update --autolock=true >/dev/null", timeout=60, check=True,
+                     what="turning autolock on again")
+            ctx.reporter.note("autolock is on again with a new unlock key: keep it (`docker swarm unlock-key -q` on a "
+                              "manager shows it)")
+        host.data["swarm"] = swarm_info(host)
+        ctx.shared["swarm_manager"] = host.name
+
+
+def suspend_autolock(ctx: RunContext, host: Host) -> None:
+    """`docker swarm init --force-new-cluster` restarts the manager without the unlock key (the Engine API's
+    InitRequest has no field for it), so an autolocked swarm would stay locked: autolock goes off first, on the
+    unlocked manager. That takes a raft leader: the restored manager alone is one only when the backup's swarm
+    had one manager."""
+    try:
+        wait_for(lambda: is_manager(swarm_info(host)), 60.0, f"{host.name} to lead the restored swarm")
+        host.run("docker swarm update --autolock=false", timeout=60, check=True, what="turning autolock off")
+    except OperationFailed as exc:
+        raise OperationFailed(f"{host.name}: the backup's swarm has autolock on and cannot be led by one restored "
+                              f"manager ({exc.message})",
+                              hint="take the backup with autolock off (`docker swarm update --autolock=false`), "
+                                   "or from a swarm with one manager") from None
+
+
+class PruneOldNodes(Phase):
+    """After a restore, the old cluster's machines are still entries of the swarm: those that are not this
+    cluster's nodes and not ready are removed (managers demoted first)."""
+
+    title = "Remove the old cluster's node entries"
+
+    def hosts(self, ctx: RunContext) -> list[Host]:
+        return [manager_host(ctx)]
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        current = {h.data.get("swarm", {}).get("NodeID") for h in ctx.hosts}
+        removed = []
+        for n in swarm_nodes(host):
+            if n["ID"] in current or n.get("Status", {}).get("State") == "ready":
+                continue
+            if n.get("Spec", {}).get("Role") == "manager":
+                host.run(cmd("docker", "node", "demote", n["ID"]), timeout=120)
+            host.run(cmd("docker", "node", "rm", "--force", n["ID"]), timeout=120, check=True, what="docker node rm")
+            removed.append((n.get("Spec", {}).get("Labels") or {}).get(LABEL_NODE) or n["ID"])
+        if removed:
+            ctx.reporter.note(f"removed {len(removed)} node entr{'y' if len(removed) == 1 else 'ies'} of the old "
+                              f"cluster: {', '.join(sorted(removed))}")
 
 
 def run_swarm(ctx: RunContext) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from dcx.cli.common import ASK_BECOME, become_password, key_passphrase, options, out
+
+if TYPE_CHECKING:
+    from dcx.cli.output import Output
+    from dcx.lifecycle.apply import ApplyResult
 
 app = typer.Typer(help="Create, inspect and destroy clusters.", no_args_is_help=True)
 
@@ -21,6 +26,10 @@ def create(
     parallel: int = typer.Option(10, "--parallel", min=1, max=200, help="Hosts worked on at once."),
     ssh_timeout: float = typer.Option(300.0, "--ssh-timeout", min=1, help="Seconds to wait for a machine's SSH."),
     ask_become_pass: bool = ASK_BECOME,
+    max_unavailable: int = typer.Option(1, "--max-unavailable", min=1,
+                                        help="Replaced worker nodes that leave at once (control nodes: one)."),
+    restore: Path = typer.Option(None, "--restore", dir_okay=False,
+                                 help="Build the cluster from a `dcx cluster backup` archive (new machines)."),
 ) -> None:
     """Create the cluster in FILE, or converge it to FILE (idempotent: re-run to resume)."""
     from dcx import spec
@@ -31,9 +40,40 @@ def create(
     result = apply(cluster_spec, options(ctx, parallel=parallel, ssh_timeout=ssh_timeout,
                                                 provision_only=provision_only,
                                                 become_password=become_password(ask_become_pass),
-                                                key_passphrase=key_passphrase()))
+                                                key_passphrase=key_passphrase(), max_unavailable=max_unavailable,
+                                                restore=str(restore) if restore else None))
+    show_result(o, cluster_spec.name, result)
+
+
+@app.command()
+def backup(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Cluster name."),
+    output_file: Path = typer.Option(None, "-o", "--output-file", dir_okay=False, help="Where to write the archive "
+                                     "(default: dcx-NAME-backup-TIMESTAMP.tar.gz here); `-o json` is the format."),
+    ssh_timeout: float = typer.Option(60.0, "--ssh-timeout", min=1, help="Seconds to wait for a node's SSH."),
+    ask_become_pass: bool = ASK_BECOME,
+) -> None:
+    """Write one archive (0600) of the control plane's state, for `dcx cluster create -f SPEC --restore FILE`."""
+    from dcx.lifecycle.backup import backup_cluster
+
+    o = out(ctx)
+    r = backup_cluster(name, output_file, options(ctx, ssh_timeout=ssh_timeout,
+                                                  become_password=become_password(ask_become_pass),
+                                                  key_passphrase=key_passphrase()))
     if o.json:
-        o.data({"cluster": cluster_spec.name, "plan": result.plan.to_dict(),
+        o.data({"cluster": name, "archive": str(r.path), "engine": r.engine, "source_node": r.source,
+                "bytes": r.size, "seconds": round(r.seconds, 2), "images": r.images, "members": r.members})
+        return
+    o.info(f"wrote {r.path} ({r.size} bytes, 0600; {r.engine} state from {r.source}"
+           + (f", {r.images} image(s)" if r.images else "") + f", {r.seconds:.1f}s)")
+    o.info(f"  restore on new machines: dcx cluster create -f SPEC --restore {r.path}")
+
+
+def show_result(o: Output, name: str, result: ApplyResult) -> None:
+    """What create (and roll, node replace) made: the nodes, and how to reach the cluster."""
+    if o.json:
+        o.data({"cluster": name, "plan": result.plan.to_dict(),
                 "provisioned_only": result.provisioned_only,
                 "nodes": [{"name": n.name, "pool": n.pool, "role": n.role, "address": n.ssh_address,
                            "ready": bool(result.health.get(n.name) and result.health[n.name].ready)}
@@ -45,7 +85,6 @@ def create(
     o.table(None, ["node", "pool", "role", "address", "ready"],
             [[n.name, n.pool, n.role, n.ssh_address,
               "yes" if result.health.get(n.name) and result.health[n.name].ready else "no"] for n in result.nodes])
-    name = cluster_spec.name
     o.info(f"cluster {name} is ready.")
     if result.access.get("docker_context"):
         o.info(f"  docker --context {result.access['docker_context']} node ls")
@@ -71,9 +110,35 @@ def plan(ctx: typer.Context, file: Path = typer.Option(..., "--file", "-f", dir_
         o.info(f"cluster {p.cluster}: no changes; the cluster matches the spec and is healthy.")
         return
     rows = [["+ create", r.name, r.pool, r.role] for r in p.create]
-    rows += [["- remove", n.name, n.pool, n.role] for n in p.remove]
-    rows += [["~ converge", name, "", ""] for name in p.converge]
-    o.table(f"plan for {p.cluster}", ["action", "node", "pool", "role"], rows)
+    rows += [["-/+ replace", r.old.name, r.old.pool, r.old.role, f"by {r.new.name}: {r.reason}"] for r in p.replace]
+    rows = [row + [""] * (5 - len(row)) for row in rows]
+    rows += [["- remove", n.name, n.pool, n.role, "after the new nodes are Ready" if n.name in p.retire else ""]
+             for n in p.remove]
+    rows += [["~ converge", name, "", "", ""] for name in p.converge]
+    o.table(f"plan for {p.cluster}", ["action", "node", "pool", "role", "why"], rows)
+
+
+@app.command()
+def roll(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Cluster name."),
+    pool: list[str] = typer.Option([], "--pool", help="Only this pool (repeat for several; default: every pool)."),
+    max_unavailable: int = typer.Option(1, "--max-unavailable", min=1,
+                                        help="Old worker nodes that leave at once (control nodes: one)."),
+    parallel: int = typer.Option(10, "--parallel", min=1, max=200, help="Hosts worked on at once."),
+    ssh_timeout: float = typer.Option(300.0, "--ssh-timeout", min=1, help="Seconds to wait for a machine's SSH."),
+) -> None:
+    """Replace every node of the pools with a new machine of the same spec, surge first: new nodes join
+    and are Ready, then old ones are drained and removed, each batch after a health gate."""
+    from dcx.lifecycle.replace import roll as roll_pools
+
+    o = out(ctx)
+    what = f"pool{'s' if len(pool) != 1 else ''} {', '.join(pool)}" if pool else "every pool"
+    if not o.confirm(f"replace every node of {what} of cluster {name} with a new machine?"):
+        raise typer.Exit(1)
+    result = roll_pools(name, pool, options(ctx, parallel=parallel, ssh_timeout=ssh_timeout,
+                                            max_unavailable=max_unavailable, key_passphrase=key_passphrase()))
+    show_result(o, name, result)
 
 
 @app.command()
@@ -98,13 +163,18 @@ def status(ctx: typer.Context, name: str = typer.Argument(..., help="Cluster nam
 
 
 def mesh_cell(mesh: dict) -> str:
-    """`100.96.0.1 2/3 peers, down: b1` (peers answering over the mesh now, out of expected; which do
-    not), `dcx0 down`, or why it could not be read."""
+    """`100.96.0.1 2/3 peers, relayed: d1 via a1, down: b1` (peers answering over the mesh now, out of
+    expected; which go through a relay; which do not answer), `dcx0 down`, or why it could not be read."""
     if mesh.get("error"):
         return f"unknown: {mesh['error']}"
     cell = f"{mesh.get('address', '')} {mesh.get('peers_up', 0)}/{mesh.get('peers_expected', 0)} peers"
     if mesh.get("link") not in (None, "up"):
         cell += ", dcx0 " + ("missing" if mesh["link"] == "absent" else "down")
+    if mesh.get("relayed"):
+        through: dict[str, list[str]] = {}
+        for peer, relay in sorted(mesh["relayed"].items()):
+            through.setdefault(relay, []).append(peer)
+        cell += ", relayed: " + ", ".join(f"{' '.join(peers)} via {relay}" for relay, peers in sorted(through.items()))
     if mesh.get("peers_down"):
         cell += ", down: " + " ".join(mesh["peers_down"])
     return cell
@@ -179,7 +249,9 @@ def env(ctx: typer.Context, name: str = typer.Argument(...)) -> None:
 
     o = out(ctx)
     cdir = StateStore().cluster(name)
-    cdir.load()
+    state = cdir.load()
+    if cdir.mirror is not None:  # a bucket store: this machine's ssh settings and their Include, from the state
+        access.ensure_ssh_access(cdir, state, o.warn)
     host = f"ssh://{access.context_name(name)}"
     if o.json:
         o.data({"DOCKER_HOST": host, "ssh_config": str(cdir.ssh_dir / "config")})

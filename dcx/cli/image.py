@@ -27,11 +27,18 @@ def _report(ctx: typer.Context, results: list[tuple[str, int, str]], what: str) 
 @app.command("load")
 def load(ctx: typer.Context, name: str = typer.Argument(..., help="Cluster name."),
          file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A `docker save` tarball.")) -> None:
-    """Load a `docker save` tarball on every node."""
+    """Load a `docker save` tarball on every node (recorded: nodes that join later get it too)."""
     from dcx import images
+    from dcx.errors import InputError
     from dcx.lifecycle.run import run_on_nodes
 
-    _report(ctx, run_on_nodes(name, images.load_command(), stdin=images.read_tarball(file)), "docker load")
+    data = images.read_tarball(file)
+    refs = images.save_refs(data)
+    if not refs:
+        raise InputError(f"{file}: not a `docker save` tarball (no manifest.json naming an image)")
+    results = run_on_nodes(name, images.load_command(), stdin=data)
+    _record(name, "load", data, refs, results)
+    _report(ctx, results, "docker load")
 
 
 @app.command("import")
@@ -40,7 +47,8 @@ def import_(ctx: typer.Context, name: str = typer.Argument(..., help="Cluster na
             tag: str = typer.Option(..., "--tag", "-t", help="Image name:tag to create."),
             busybox: bool = typer.Option(False, "--busybox", help="Build a ~1 MB busybox rootfs from this machine.")
             ) -> None:
-    """Create an image from a root filesystem tarball on every node (`docker import`)."""
+    """Create an image from a root filesystem tarball on every node (`docker import`; recorded: nodes that
+    join later get it too)."""
     from dcx import images
     from dcx.errors import InputError
     from dcx.lifecycle.run import run_on_nodes
@@ -51,4 +59,14 @@ def import_(ctx: typer.Context, name: str = typer.Argument(..., help="Cluster na
         data = images.read_tarball(file)
     else:
         raise InputError("give a rootfs tarball FILE or --busybox")
-    _report(ctx, run_on_nodes(name, images.import_command(tag), stdin=data), "docker import")
+    results = run_on_nodes(name, images.import_command(tag), stdin=data)
+    _record(name, "import", data, [tag], results)
+    _report(ctx, results, "docker import")
+
+
+def _record(name: str, kind: str, data: bytes, refs: list[str], results: list[tuple[str, int, str]]) -> None:
+    """Once a node has the image it belongs to the cluster: nodes that join later get it too."""
+    from dcx import images
+
+    if any(code == 0 for _, code, _ in results):
+        images.record(name, kind, data, refs)

@@ -45,7 +45,11 @@ def ssh(ctx: typer.Context, name: str = typer.Argument(...), node: str = typer.A
     if node not in state.nodes:
         raise InputError(f"cluster {name} has no node {node} (nodes: {', '.join(sorted(state.nodes))})")
     config = cdir.ssh_dir / "config"
-    if not config.exists():
+    if cdir.mirror is not None:  # a bucket store: this machine's settings, from the state it holds
+        from dcx import access
+
+        config = access.write_ssh_files(cdir, state)
+    elif not config.exists():
         raise InputError(f"no ssh settings for {name} yet", hint="run `dcx cluster create` to finish the cluster")
     ssh_bin = shutil.which("ssh")
     if not ssh_bin:
@@ -59,6 +63,50 @@ def ssh(ctx: typer.Context, name: str = typer.Argument(...), node: str = typer.A
     elif not os.isatty(0):
         argv.insert(1, "-T")
     os.execv(ssh_bin, argv)
+
+
+@app.command("remove")
+def remove(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Cluster name."),
+    node: str = typer.Argument(..., help="The node to remove."),
+    ssh_timeout: float = typer.Option(60.0, "--ssh-timeout", min=1, help="Seconds to wait for a machine's SSH."),
+) -> None:
+    """Drain NODE (a control node is demoted; refused when quorum would be lost), take it out of the
+    cluster and delete its machine; its pool's count in dcx's record goes down by one (set the same
+    count in the spec file, or the next create makes a node again)."""
+    from dcx.cli.common import options
+    from dcx.lifecycle.replace import remove_node
+
+    o = out(ctx)
+    if not o.confirm(f"drain {node} and remove it from cluster {name} (its machine is deleted)?"):
+        raise typer.Exit(1)
+    result = remove_node(name, node, options(ctx, ssh_timeout=ssh_timeout, key_passphrase=key_passphrase()))
+    if o.json:
+        o.data(result)
+        return
+    o.info(f"removed {node} from cluster {name}")
+    o.warn(result["note"])
+
+
+@app.command("replace")
+def replace(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Cluster name."),
+    node: str = typer.Argument(..., help="The node to replace."),
+    ssh_timeout: float = typer.Option(300.0, "--ssh-timeout", min=1, help="Seconds to wait for a machine's SSH."),
+) -> None:
+    """Replace NODE with a new machine of the same spec: the new node joins and is Ready, then NODE is
+    drained (demoted first when it is a control node) and removed."""
+    from dcx.cli.cluster import show_result
+    from dcx.cli.common import options
+    from dcx.lifecycle.replace import replace_node
+
+    o = out(ctx)
+    if not o.confirm(f"replace {node} of cluster {name} with a new machine?"):
+        raise typer.Exit(1)
+    result = replace_node(name, node, options(ctx, ssh_timeout=ssh_timeout, key_passphrase=key_passphrase()))
+    show_result(o, name, result)
 
 
 @app.command("forget-key")

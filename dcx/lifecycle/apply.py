@@ -37,37 +37,70 @@ class ApplyResult:
     access: dict[str, str] = field(default_factory=dict)
 
 
-def apply(spec: ClusterSpec, options: Options, store: StateStore | None = None) -> ApplyResult:
+def apply(spec: ClusterSpec, options: Options, store: StateStore | None = None,
+          replace_nodes: dict[str, str] | None = None) -> ApplyResult:
+    """`replace_nodes`: node -> why, nodes to replace with new machines of the same spec (roll, node replace)."""
     store = store or StateStore()
     reporter = options.reporter or null_reporter()
     validate_provider_settings(spec)
+    from dcx.lifecycle import restore
+
+    backup = restore.load(options.restore, spec) if options.restore else None  # checked before anything is made
     with open_session(store, spec.name, "create", reporter) as session:
+        if backup is not None:
+            restore.refuse_existing(session, backup)
         session.load_or_new(spec)
         assert session.state is not None
         session.save()  # write-ahead: the cluster exists (with its id) before any resource does
+        if backup is not None:
+            restore.begin(session, backup)
+        if replace_nodes:
+            from dcx.lifecycle.replace import mark_for_replacement
+
+            for node, reason in replace_nodes.items():
+                mark_for_replacement(session, [node], reason)
         session.key_path, session.public_key = session.cdir.ensure_ssh_key()
         existing = session.existing_nodes(spec)
-        plan = make_plan(spec, existing, None, new_cluster=not existing, named=session.named_requests(spec))
+        plan = make_plan(spec, existing, None, new_cluster=not existing, named=session.named_requests(spec),
+                         resources=session.state.resources)
+        if plan.moving:
+            from dcx.lifecycle.replace import journal_surge
+
+            journal_surge(session, plan)
         nodes = provision(session, spec, plan)
         if options.provision_only:
             session.state.status = "provisioned"
             session.save()
             reporter.note(f"provisioned {len(nodes)} nodes; `dcx cluster create -f {spec.file}` continues")
+            if plan.remove:  # provisioning only adds: the nodes the spec dropped go with the full create
+                reporter.note(f"kept {len(plan.remove)} node(s) the spec no longer has: "
+                              f"{', '.join(sorted(n.name for n in plan.remove))}; "
+                              f"`dcx cluster create -f {spec.file}` removes them")
             return ApplyResult(plan, nodes, provisioned_only=True)
         ctx = build_context(session, spec, nodes, options)
         try:
             engine = get_engine(spec.spec.engine.type)
+            engine.restore = backup.engine if backup is not None else None
             assign_mesh(session, spec, ctx)
             from dcx.bootstrap.mesh import mesh_phases
+            from dcx.images import image_phases
 
-            run_phases(ctx, base_phases(options, engine) + mesh_phases(ctx) + engine.phases(ctx))
-            if plan.remove:
+            # The cluster's recorded images go on every node after its runtime starts and before it joins.
+            run_phases(ctx, base_phases(options, engine) + mesh_phases(ctx)
+                       + image_phases(session.cdir, session.state, engine.uses_docker) + engine.phases(ctx))
+            if plan.moving:  # surge first: the new nodes are Ready above; the old ones leave in gated batches
+                from dcx.lifecycle.replace import retire
+
+                retire(session, spec, ctx, plan.leaving(), options)
+                nodes = [h.node for h in ctx.hosts]
+            elif plan.remove:
                 remove_nodes(session, spec, ctx, plan.remove, options)
             sweep_dropped_providers(session, spec)
             health = engine.health(ctx)
             access_info = access.setup(session.cdir, spec, ctx, session.state)
             session.state.status = "ready"
             session.save()
+            restore.finish(session)
             return ApplyResult(plan, nodes, health=health, access=access_info)
         except BaseException:
             session.state.status = "failed"
@@ -92,6 +125,9 @@ def assign_mesh(session: Session, spec: ClusterSpec, ctx: RunContext) -> None:
             session.journal(prefix + name, address)
     for h in ctx.hosts:
         h.data["mesh_address"] = addresses[h.name]
+    from dcx.bootstrap.relay import load_routes
+
+    load_routes(ctx, session.state.resources, session.journal, session.state.id)  # recorded relay routes
 
 
 def provision(session: Session, spec: ClusterSpec, plan: Plan) -> list[Node]:
@@ -113,11 +149,31 @@ def provision(session: Session, spec: ClusterSpec, plan: Plan) -> list[Node]:
         session.state.nodes[n.name] = n.to_dict()
     for n in plan.remove:
         session.state.nodes.setdefault(n.name, n.to_dict())
+    record_placements(session, spec, plan)
     session.save()
     wanted = {r.name for r in plan.create} | {n.name for n in plan.keep}
+    if plan.moving:  # the old nodes stay in the cluster (and the mesh) until their replacements are Ready
+        from dcx.lifecycle.replace import leaving_already
+
+        for n in plan.leaving():
+            if not leaving_already(session, n.name):
+                nodes.setdefault(n.name, n)
+                wanted.add(n.name)
     current = [nodes[name] for name in sorted(nodes) if name in wanted]
     open_mesh_between_providers(session, spec, current)
     return current
+
+
+def record_placements(session: Session, spec: ClusterSpec, plan: Plan) -> None:
+    """Where each node was made (plan.placement), so that a later change to its pool replaces it. Nodes
+    made before placements were recorded take their pool's current one (the plan kept them)."""
+    from dcx.plan import PLACEMENT_PREFIX, placement
+
+    assert session.state is not None
+    for r in plan.create:
+        session.state.resources[PLACEMENT_PREFIX + r.name] = placement(spec.pool(r.pool))
+    for n in plan.keep:
+        session.state.resources.setdefault(PLACEMENT_PREFIX + n.name, placement(spec.pool(n.pool)))
 
 
 def open_mesh_between_providers(session: Session, spec: ClusterSpec, nodes: list[Node]) -> None:

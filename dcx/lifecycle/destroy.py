@@ -126,8 +126,9 @@ def destroy_cluster(name: str | None, spec: ClusterSpec | None, options: Options
         if spec.file and not stateless:
             warn_of_namesakes(session, spec, name)
         access.teardown(session.cdir, name)
-    # The cluster's directory goes last, after the lock is released (a bucket store's objects too).
-    session.cdir.remove()
+        # Under the lock, as one sequence with its release: a bucket store's objects go now, the lock
+        # object right after them (no other run can take the lock in between); the directory on release.
+        session.cdir.remove()
     return removed
 
 

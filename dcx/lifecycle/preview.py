@@ -29,5 +29,5 @@ def plan(spec: ClusterSpec, store: StateStore | None = None) -> Plan:
     healthy: dict[str, bool] | None = None
     if existing and state.status == "ready":
         healthy = {k: v.ready for k, v in cluster_health(session, spec, existing, Options())[0].items()}
-    return make_plan(spec, existing, healthy, new_cluster=not existing, named=named)
+    return make_plan(spec, existing, healthy, new_cluster=not existing, named=named, resources=state.resources)
 

@@ -32,6 +32,11 @@ def remove_nodes(session: Session, spec: ClusterSpec, ctx: RunContext, leaving: 
                                        ctx.reporter, ctx.parallel), leaving_ctx.hosts)
     finally:
         leaving_ctx.sessions.close()
+    delete_machines(session, spec, leaving, options)
+
+
+def delete_machines(session: Session, spec: ClusterSpec, leaving: list[Node], options: Options) -> None:
+    """Nodes that have left the cluster: their machines go (given machines are reset), and state forgets them."""
     by_provider: dict[str, list[Node]] = {}
     for n in leaving:
         by_provider.setdefault(n.provider, []).append(n)

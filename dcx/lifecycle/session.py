@@ -4,6 +4,7 @@ reached (build_context). Every lifecycle operation (apply, plan, destroy, status
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ class Options:
     reporter: Reporter | None = None
     become_password: str | None = field(default=None, repr=False)
     key_passphrase: str | None = field(default=None, repr=False)
+    max_unavailable: int = 1  # nodes that leave at once when nodes are replaced (replace.batches)
+    restore: str | None = None  # `create --restore FILE`: a `dcx cluster backup` archive (dcx.lifecycle.restore)
 
 
 class Session:
@@ -46,6 +49,7 @@ class Session:
         self._providers: dict[str, Provider] = {}
         self.key_path: Path | None = None
         self.public_key = ""
+        self._saved: str | None = None  # the state as this session last wrote it (without updated_at)
 
     # state ---------------------------------------------------------------------------------------
 
@@ -63,7 +67,13 @@ class Session:
 
     def save(self) -> None:
         assert self.state is not None
+        # Nothing changed since this session last wrote it: no write (a re-run records every node and
+        # resource again, and each write is two fsyncs, or an upload in a bucket store).
+        content = json.dumps({k: v for k, v in self.state.__dict__.items() if k != "updated_at"}, sort_keys=True)
+        if content == self._saved:
+            return
         self.cdir.save(self.state)
+        self._saved = content
 
     def journal(self, key: str, value: Any) -> None:
         assert self.state is not None
@@ -82,6 +92,8 @@ class Session:
         assert self.state is not None
         self.state.nodes.pop(name, None)
         self.state.resources.pop(f"mesh/address/{name}", None)
+        for prefix in ("placement/", "replace/", "move/"):  # dcx.plan, dcx.lifecycle.replace
+            self.state.resources.pop(prefix + name, None)
         if self.state.host_keys.pop(name, None) is not None:
             access.write_known_hosts(self.cdir, self.state.host_keys)
         self.save()
@@ -125,9 +137,12 @@ class Session:
         reported = {n.name for n in out}
         # Nodes of pools no longer in the spec are not asked about: they exist until removed (the plan
         # removes them), not forgotten with their machines still running.
-        pools = {p.name for p in spec.spec.pools}
+        pools = {p.name: p.provider for p in spec.spec.pools}
         for name, data in self.state.nodes.items():
-            if name not in reported and data.get("pool") not in pools:
+            # A pool that moved to another provider: its old nodes are not asked about either (the
+            # provider they are on may be in the spec no more) until they are replaced.
+            moved = data.get("pool") in pools and data.get("provider") != pools[data.get("pool")]
+            if name not in reported and (data.get("pool") not in pools or moved):
                 out.append(Node.from_dict(data))
                 reported.add(name)
         # Nodes recorded but no longer reported are gone: forget them (and their host keys).
@@ -223,8 +238,10 @@ def _host_keys_changed(session: Session) -> None:
 
 def base_phases(options: Options, engine: ClusterEngine) -> list[Phase]:
     from dcx.bootstrap.preflight import Preflight
+    from dcx.bootstrap.proxy import ConfigureProxy
 
-    phases: list[Phase] = [Connect(options.ssh_timeout), SetHostname(), GatherFacts(), Preflight()]
+    phases: list[Phase] = [Connect(options.ssh_timeout), SetHostname(), GatherFacts(), Preflight(),
+                           ConfigureProxy()]  # before anything is downloaded
     # k3s brings its own containerd: Docker is installed only for the engines that run on it.
     return phases + ([InstallRuntime(), StartRuntime()] if engine.uses_docker else [])
 

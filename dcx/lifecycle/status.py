@@ -37,6 +37,8 @@ def status(name: str, store: StateStore | None = None) -> dict[str, Any]:
         }
         if mesh:
             row["mesh"] = mesh.get(n.name, {})
+            if "address" in row["mesh"] and "error" not in row["mesh"]:
+                row["mesh"].update(mesh_paths(state.resources, n.name, [m.name for m in nodes if m is not n]))
         rows.append(row)
     mesh_ok = all(r["mesh"].get("link") == "up" and not r["mesh"].get("peers_down") for r in rows if "mesh" in r)
     return {
@@ -46,6 +48,14 @@ def status(name: str, store: StateStore | None = None) -> dict[str, Any]:
         "nodes": rows, "context": access.context_name(state.name) if state.engine == "swarm" else "",
         "updated_at": state.updated_at,
     }
+
+
+def mesh_paths(resources: dict[str, Any], name: str, peers: list[str]) -> dict[str, Any]:
+    """Which peers the node reaches directly and which through a relay (dcx.bootstrap.relay), as the
+    last run recorded and applied them; whether they answer now is in peers_down."""
+    from dcx.bootstrap.relay import peer_paths, routes_from_resources
+
+    return peer_paths(name, peers, routes_from_resources(resources))
 
 
 def list_clusters(store: StateStore | None = None) -> list[dict[str, Any]]:

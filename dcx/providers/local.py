@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,9 @@ from dcx.providers.base import FoundCluster, Node, NodeRequest, Provider
 
 REGISTRY = Path(os.environ.get("DCX_LOCAL_REGISTRY", "/run/dcx/local"))
 DEFAULT_SUBNET_BASE = ipaddress.ip_network("10.213.0.0/16")
+# Seconds a deleted node's processes get between SIGTERM and SIGKILL: its disk goes with it, so nothing
+# there needs a clean stop (20 dockerds stopping cleanly side by side took 3 s on 2 cores).
+DELETE_GRACE = 0.5
 
 
 class LocalSettings(BaseModel):
@@ -114,7 +118,7 @@ class LocalProvider(Provider):
         self.ctx.record(f"local/bridge/{bridge}", {"subnet": str(subnet)})
         netns.ensure_bridge(bridge, f"{gateway}/{subnet.prefixlen}")
         taken = self._addresses_in_use(subnet)
-        nodes = []
+        infos: list[dict[str, Any]] = []
         for req in requests:
             ns = self.netns_name(req.name)
             entry = self._read_registry(ns)
@@ -127,15 +131,26 @@ class LocalProvider(Provider):
             home = self.node_home(req.name)
             info = {"cluster": self.ctx.cluster_name, "cluster_id": self.ctx.cluster_id, "node": req.name,
                     "pool": pool.name, "netns": ns, "bridge": bridge, "home": str(home), "address": address}
+            if entry and entry.get("sshd_pid"):  # kept until start_host says otherwise: a node that is
+                info["sshd_pid"] = entry["sshd_pid"]  # as recorded is not written again (a re-run's repair)
             # Write-ahead: the registry (and state) name the namespace before it exists.
-            self._write_registry(ns, info)
+            if info != entry:
+                self._write_registry(ns, info)
             self.ctx.record(f"local/node/{req.name}", info)
-            pid = netns.start_host(netns.HostSpec(
-                netns=ns, hostname=req.name, address=f"{address}/{subnet.prefixlen}", bridge=bridge, home=home,
-                authorized_key=self.ctx.ssh_public_key, ssh_port=settings.sshPort,
-                sshd=netns.HARDENED_SSHD if settings.sshd == "hardened" else netns.DEFAULT_SSHD))
-            info["sshd_pid"] = pid
-            self._write_registry(ns, info)
+            infos.append(info)
+        specs = [netns.HostSpec(
+            netns=info["netns"], hostname=info["node"], address=f"{info['address']}/{subnet.prefixlen}",
+            bridge=bridge, home=Path(info["home"]), authorized_key=self.ctx.ssh_public_key, ssh_port=settings.sshPort,
+            sshd=netns.HARDENED_SSHD if settings.sshd == "hardened" else netns.DEFAULT_SSHD) for info in infos]
+        # Side by side: each host is a dozen local commands and a wait for its sshd.
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="dcx-local") as pool:
+            futures = [pool.submit(netns.start_host, spec) for spec in specs]
+        nodes = []
+        for req, info, future in zip(requests, infos, futures, strict=True):
+            pid = future.result()  # the first failure, once every host was tried
+            if info.get("sshd_pid") != pid:
+                info["sshd_pid"] = pid
+                self._write_registry(info["netns"], info)
             self.ctx.record(f"local/node/{req.name}", info)
             nodes.append(self._node(info, req.role, settings.sshPort))
         return nodes
@@ -154,13 +169,11 @@ class LocalProvider(Provider):
         (its dockerd keeps its /var/lib/docker alone); a node left with processes outside them is
         restarted from its disk, like a reboot."""
         by_pool = {p.name: p for p in pools}
-        out = []
-        for node in nodes:
-            pool = by_pool.get(node.pool)
-            if pool is None:
-                out.append(node)
-                continue
-            out.extend(self.create_nodes(pool, [NodeRequest(node.name, node.pool, node.role, 0)]))
+        out = [node for node in nodes if node.pool not in by_pool]
+        for name, pool in by_pool.items():
+            requests = [NodeRequest(n.name, n.pool, n.role, 0) for n in nodes if n.pool == name]
+            if requests:
+                out.extend(self.create_nodes(pool, requests))
         return out
 
     def list_nodes(self, pools: list[Any]) -> list[Node]:
@@ -175,10 +188,10 @@ class LocalProvider(Provider):
         return out
 
     def delete_nodes(self, pools: list[Any], nodes: list[Node]) -> None:
+        # All at once: each node's daemons take about a second to stop.
+        netns.stop_hosts([(self.netns_name(n.name), self.node_home(n.name)) for n in nodes], grace=DELETE_GRACE)
         for node in nodes:
-            ns = self.netns_name(node.name)
-            netns.stop_host(ns, self.node_home(node.name))
-            self._remove_registry(ns)
+            self._remove_registry(self.netns_name(node.name))
 
     def find_clusters(self, pools: list[Any]) -> list[FoundCluster]:
         """Clusters of this name with nodes in the machine-wide registry (one entry per cluster id);
@@ -210,13 +223,14 @@ class LocalProvider(Provider):
         removed = []
         bridges: set[str] = set()
         prefix = f"dcx-{self.ctx.cluster_id}-"
-        for info in self._registry_entries():
-            if info.get("cluster_id") == self.ctx.cluster_id or (
-                    not self.ctx.cluster_id and info.get("cluster") == self.ctx.cluster_name):
-                netns.stop_host(info["netns"], Path(info["home"]) if info.get("home") else None)
-                self._remove_registry(info["netns"])
-                bridges.add(info["bridge"])
-                removed.append(f"namespace host {info['netns']}")
+        mine = [info for info in self._registry_entries() if info.get("cluster_id") == self.ctx.cluster_id or (
+            not self.ctx.cluster_id and info.get("cluster") == self.ctx.cluster_name)]
+        netns.stop_hosts([(info["netns"], Path(info["home"]) if info.get("home") else None) for info in mine],
+                         grace=DELETE_GRACE)
+        for info in mine:
+            self._remove_registry(info["netns"])
+            bridges.add(info["bridge"])
+            removed.append(f"namespace host {info['netns']}")
         for ns in netns.list_netns():
             if self.ctx.cluster_id and ns.startswith(prefix):
                 netns.stop_host(ns, None)

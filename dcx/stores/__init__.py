@@ -73,9 +73,11 @@ _MIRRORS: dict[str, object] = {}
 
 def open_mirror(url: str, home: Path):  # -> dcx.stores.mirror.Mirror (imported lazily: it is cheap, the SDKs are not)
     """The one Mirror of a bucket store in this process (it remembers what it downloaded)."""
+    from dcx.stores.crypto import check_kms
     from dcx.stores.mirror import Mirror
 
     loc = parse_url(url)
+    check_kms(loc.scheme)  # DCX_STATE_KMS_KEY with a gs:// or az:// store: one line, exit 2, before anything
     key = f"{loc.url}|{home}"
     if key not in _MIRRORS:
         _MIRRORS[key] = Mirror(backend_for(loc), cache_root(home, loc), machine_root(loc))
@@ -102,3 +104,12 @@ def state_url() -> str:
 
 def is_remote(url: str) -> bool:
     return bool(url) and parse_url(url).scheme != ""
+
+
+def give_up_locks() -> list[str]:
+    """--timeout ran out: every bucket store lock this process holds is released after what its run saved
+    is pushed (dcx.deadline). Returns the clusters whose lock could not be released."""
+    left: list[str] = []
+    for mirror in list(_MIRRORS.values()):
+        left += mirror.give_up()  # type: ignore[attr-defined]
+    return left

@@ -1,16 +1,23 @@
-"""Hybrid fabric end to end: two sites that cannot reach each other's private addresses, each behind
-a NAT router, joined into one swarm over dcx's WireGuard mesh.
+"""Hybrid fabric end to end: four sites that cannot reach each other's private addresses joined into
+one swarm over dcx's WireGuard mesh; the two sites with no inbound path reach each other through a relay.
 
-    operator 10.214.100.1 ── "internet" 10.214.100.0/24 ──┬── ra 10.214.100.11 (NAT; forwards UDP 51820/1
-                                                          │     and TCP 2201/2 to a1/a2) ── site A 10.214.1.0/24
-                                                          └── rb 10.214.100.12 (NAT only; SSH bastion)
-                                                                ── site B 10.214.2.0/24: b1, b2
+    operator 10.214.100.1 ── "internet" 10.214.100.0/24 ─┬── c1 10.214.100.21 (a cloud node, public)
+                                                         ├── ra 10.214.100.11 (NAT; forwards UDP 51820/1
+                                                         │     and TCP 2201/2 to a1/a2) ── site A 10.214.1.0/24
+                                                         ├── rb 10.214.100.12 (NAT only; SSH bastion)
+                                                         │     ── site B 10.214.2.0/24: b1
+                                                         └── rd 10.214.100.13 (NAT only) ── 10.214.3.0/24 ──
+                                                               rd2 10.214.3.2 (NAT only) ── site D 10.214.4.0/24: d1
+
+b1 and d1 have no inbound path (D is behind two NATs, reached over SSH through two jump hosts): they
+never handshake with each other, and dcx routes that pair through a node both reach (README, Relays).
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,22 +37,41 @@ def sites() -> Iterator[Lab]:
         lab.network("inet", "10.214.100.0/24", operator_ip="10.214.100.1")
         lab.network("a", "10.214.1.0/24")
         lab.network("b", "10.214.2.0/24")
+        lab.network("dmid", "10.214.3.0/24")
+        lab.network("d", "10.214.4.0/24")
         lab.router("ra", ("inet", "10.214.100.11"), ("a", "10.214.1.1"), forwards=[
             ("udp", 51820, "10.214.1.11", 51820), ("udp", 51821, "10.214.1.12", 51820),
             ("tcp", 2201, "10.214.1.11", 22), ("tcp", 2202, "10.214.1.12", 22)])
         lab.router("rb", ("inet", "10.214.100.12"), ("b", "10.214.2.1"))
+        lab.router("rd", ("inet", "10.214.100.13"), ("dmid", "10.214.3.1"))
+        lab.router("rd2", ("dmid", "10.214.3.2"), ("d", "10.214.4.1"), gateway="10.214.3.1")
+        lab.host("c1", "inet", "10.214.100.21")
         lab.host("a1", "a", "10.214.1.11", gateway="10.214.1.1")
         lab.host("a2", "a", "10.214.1.12", gateway="10.214.1.1")
         lab.host("b1", "b", "10.214.2.21", gateway="10.214.2.1")
-        lab.host("b2", "b", "10.214.2.22", gateway="10.214.2.1")
+        lab.host("d1", "d", "10.214.4.41", gateway="10.214.4.1")
         yield lab
     finally:
         lab.close()
 
 
-def spec_text(lab: Lab, name: str, mesh: str, site_b: list[str]) -> str:
-    b_hosts = ", ".join(f"{{name: {h}, address: 10.214.2.{20 + int(h[1])}, proxyJump: root@10.214.100.12}}"
-                        for h in site_b)
+# node -> (pool, network, how dcx reaches it)
+HOSTS = {
+    "a1": ("control", "site-a", "address: 10.214.100.11, port: 2201, meshEndpoint: '10.214.100.11:51820'"),
+    "a2": ("workers-a", "site-a", "address: 10.214.100.11, port: 2202, meshEndpoint: '10.214.100.11:51821'"),
+    "c1": ("cloud", "cloud", "address: 10.214.100.21"),
+    "b1": ("edge-b", "site-b", "address: 10.214.2.21, proxyJump: root@10.214.100.12"),
+    "d1": ("edge-d", "site-d", "address: 10.214.4.41, proxyJump: 'root@10.214.100.13,root@10.214.3.2'"),
+}
+
+
+def spec_text(lab: Lab, name: str, nodes: list[str], mesh: str = "auto") -> str:
+    pools = ""
+    for pool in dict.fromkeys(HOSTS[n][0] for n in nodes):
+        mine = [n for n in nodes if HOSTS[n][0] == pool]
+        hosts = ", ".join(f"{{name: {n}, {HOSTS[n][2]}}}" for n in mine)
+        pools += (f"    - name: {pool}\n      role: {'control' if pool == 'control' else 'worker'}\n"
+                  f"      provider: ssh\n      ssh:\n        network: {HOSTS[mine[0]][1]}\n        hosts: [{hosts}]\n")
     return f"""\
 apiVersion: dcx/v1
 kind: Cluster
@@ -54,25 +80,14 @@ spec:
   ssh: {{user: root, privateKey: {lab.key}}}
   network: {{mesh: {mesh}}}
   pools:
-    - name: control
-      role: control
-      provider: ssh
-      ssh:
-        network: site-a
-        hosts: [{{name: a1, address: 10.214.100.11, port: 2201, meshEndpoint: "10.214.100.11:51820"}}]
-    - name: workers-a
-      role: worker
-      provider: ssh
-      ssh:
-        network: site-a
-        hosts: [{{name: a2, address: 10.214.100.11, port: 2202, meshEndpoint: "10.214.100.11:51821"}}]
-    - name: workers-b
-      role: worker
-      provider: ssh
-      ssh:
-        network: site-b
-        hosts: [{b_hosts}]
-"""
+{pools}"""
+
+
+def timed_create(cli: Dcx, spec: Path) -> float:
+    started = time.monotonic()
+    r = cli.run("cluster", "create", "-f", str(spec), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return time.monotonic() - started
 
 
 def on(cli: Dcx, cluster: str, node: str, command: str) -> subprocess.CompletedProcess[str]:
@@ -82,106 +97,149 @@ def on(cli: Dcx, cluster: str, node: str, command: str) -> subprocess.CompletedP
 def test_sites_behind_nat_form_one_swarm_over_the_mesh(sites: Lab, tmp_path: Path) -> None:
     cli = Dcx(tmp_path / "home")
     cli.env["DCX_NO_SSH_CONFIG"] = "1"
-    name = "hybrid"
     spec = tmp_path / "cluster.yaml"
-    spec.write_text(spec_text(sites, name, "auto", ["b1", "b2"]))
+
+    # For comparison: four nodes in three sites where every pair has a direct path (no relay needed).
+    spec.write_text(spec_text(sites, "direct", ["a1", "a2", "c1", "b1"]))
     try:
-        r = cli.run("cluster", "create", "-f", str(spec), timeout=600)
-        assert r.returncode == 0, r.stdout + r.stderr
+        without_relays = timed_create(cli, spec)
+        status = cli.json("cluster", "status", "direct")
+        assert status["healthy"] is True, status
+        assert all(n["mesh"]["relayed"] == {} for n in status["nodes"]), status
+    finally:
+        cli.run("cluster", "destroy", "direct", "--yes", timeout=300)
+
+    name = "hybrid"
+    spec.write_text(spec_text(sites, name, ["a1", "c1", "b1", "d1"]))
+    try:
+        with_relays = timed_create(cli, spec)
+        print(f"\ncreate, 4 nodes: {without_relays:.1f}s with every pair direct, {with_relays:.1f}s with one pair "
+              f"relayed: ratio {with_relays / without_relays:.2f}")
         status = cli.json("cluster", "status", name)
         assert status["healthy"] is True, status
-        assert sorted(n["name"] for n in status["nodes"]) == ["a1", "a2", "b1", "b2"]
         assert status["mesh"] is True
-        assert {n["name"]: (n["mesh"]["peers_up"], n["mesh"]["peers_expected"]) for n in status["nodes"]} == {
-            "a1": (3, 3), "a2": (3, 3), "b1": (3, 3), "b2": (3, 3)}
+        rows = {n["name"]: n["mesh"] for n in status["nodes"]}
+        assert {n: (m["peers_up"], m["peers_expected"]) for n, m in rows.items()} == {
+            "a1": (3, 3), "b1": (3, 3), "c1": (3, 3), "d1": (3, 3)}
+        # b1 and d1 reach each other through a1: the control node with a (forwarded) endpoint.
+        assert {n: m["relayed"] for n, m in rows.items()} == {"a1": {}, "c1": {}, "b1": {"d1": "a1"},
+                                                              "d1": {"b1": "a1"}}
+        assert rows["b1"]["direct"] == ["a1", "c1"] and rows["a1"]["direct"] == ["b1", "c1", "d1"]
+        text = cli.run("cluster", "status", name).stdout
+        assert re.search(r"^b1 .* 3/3 peers, relayed: d1 via a1$", text, re.M), text
+        assert re.search(r"^a1 .* 3/3 peers$", text, re.M), text
 
         # Swarm carries its traffic on the mesh addresses.
         addrs = on(cli, name, "a1", "docker node inspect self --format '{{.Status.Addr}}'").stdout.strip()
         assert addrs.startswith("100.96."), addrs
 
-        # A replicated service spans both sites; a task on site B reaches every task, site A's included.
+        # A global service: one task on every node; a client in each site with no inbound path gets an
+        # answer from every task (the other edge site's through the relay).
         # MTU 1370: VXLAN's 50 bytes inside WireGuard's 1420.
         on(cli, name, "a1", "docker network create -d overlay --attachable --opt "
                             "com.docker.network.driver.mtu=1370 hy-net").check_returncode()
         cli.run("image", "import", name, "--busybox", "--tag", "dcx-hy/busybox:1", check=True)
-        r = on(cli, name, "a1", "docker service create --detach --name web --replicas 4 --replicas-max-per-node 1 "
-                                "--endpoint-mode dnsrr --network hy-net dcx-hy/busybox:1 sh -c "
+        r = on(cli, name, "a1", "docker service create --detach --name web --mode global "
+                                "--hostname '{{.Node.Hostname}}' --endpoint-mode dnsrr --network hy-net "
+                                "dcx-hy/busybox:1 sh -c "
                                 "'echo \"hello from $(hostname)\" > /var/www/index.html && "
                                 "exec httpd -f -p 80 -h /var/www'")
         assert r.returncode == 0, r.stderr
-        wait = ("for i in $(seq 90); do n=$(docker service ps web --filter desired-state=running "
-                "--format '{{.CurrentState}}' | grep -c ^Running); [ \"$n\" -ge 4 ] && exit 0; sleep 1; done; exit 1")
-        assert on(cli, name, "a1", wait).returncode == 0
-        placed = on(cli, name, "a1", "docker service ps web --format '{{.Node}}'").stdout.split()
-        assert sorted(placed) == ["a1", "a2", "b1", "b2"]
-        probe = ("docker run --rm --network hy-net dcx-hy/busybox:1 sh -c "
-                 "'for ip in $(nslookup tasks.web 2>/dev/null | awk \"/^Address: /{print \\$2}\"); do "
-                 "wget -q -O - http://$ip/; done'")
-
-        def every_task_answers() -> set[str]:
-            # A task's DNS record may trail its Running state by a moment: ask again until all four answer.
-            out = on(cli, name, "b1", probe).stdout.splitlines()
-            replies = {line for line in out if line.startswith("hello from")}
-            return replies if len(replies) == 4 else set()
-
-        wait_for(every_task_answers, 60, "an answer from each of the 4 tasks, asked from site B")
+        every_task_answers(cli, name, ["b1", "d1"], {"a1", "b1", "c1", "d1"})
 
         # Private keys live only on their own node, 0600; dcx's state holds public keys at most.
-        for node in ("a1", "b1"):
+        for node in ("a1", "d1"):
             assert on(cli, name, node, "stat -c %a /etc/dcx/wireguard/private.key").stdout.strip() == "600"
-        key_b1 = on(cli, name, "b1", "cat /etc/dcx/wireguard/private.key").stdout.strip()
-        assert key_b1 and not any(key_b1 in p.read_text(errors="replace")
+        key_d1 = on(cli, name, "d1", "cat /etc/dcx/wireguard/private.key").stdout.strip()
+        assert key_d1 and not any(key_d1 in p.read_text(errors="replace")
                                   for p in (tmp_path / "home").rglob("*") if p.is_file())
 
-        # A re-run changes nothing.
+        # A re-run changes nothing: the same routes, no config applied, no forwarding touched.
+        def mesh_resources() -> dict[str, str]:
+            return {k: v for k, v in cli.state(name)["resources"].items() if k.startswith("mesh/")}
+
+        before = mesh_resources()
+        assert before["mesh/relay/b1,d1"] == "a1", before
         again = cli.run("cluster", "create", "-f", str(spec), timeout=300)
         assert again.returncode == 0, again.stderr
         assert "==> Configure the WireGuard mesh (4 hosts)\n    0 changed, 4 unchanged" in again.stdout
+        assert "==> Route pairs without a direct path through relays (4 hosts)\n    0 changed, 4 unchanged" \
+            in again.stdout, again.stdout
+        assert mesh_resources() == before
 
-        # Removing a node updates every other node's peers without restarting the tunnel.
-        # (The interface's index from its own namespace: a session there sees this machine's /sys.)
+        # The relay is lost to the edge sites (its site's router drops their packets to a1's mesh port;
+        # SSH still reaches a1): a re-run routes b1-d1 through c1, and a1's own pairs with them too. The
+        # ends change their peers without restarting their tunnels; a1 stops forwarding, c1 starts.
         ifindex = "ip -o link show dev dcx0 | cut -d: -f1"
-        before = on(cli, name, "a1", ifindex).stdout
-        assert before.strip().isdigit(), before
-        spec.write_text(spec_text(sites, name, "auto", ["b1"]))
+        index_b1 = on(cli, name, "b1", ifindex).stdout
+        assert index_b1.strip().isdigit(), index_b1
+        for edge in ("10.214.100.12", "10.214.100.13"):
+            sites.exec("ra", "iptables", "-t", "raw", "-A", "PREROUTING", "-i", "eth0", "-s", edge, "-p", "udp",
+                       "--dport", "51820", "-j", "DROP")
         r = cli.run("cluster", "create", "-f", str(spec), timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
-        for node in ("a1", "a2", "b1"):
-            peers = on(cli, name, node, "wg show dcx0 peers").stdout.split()
-            assert len(peers) == 2, (node, peers)
-        assert on(cli, name, "a1", ifindex).stdout == before
-        assert cli.json("cluster", "status", name)["healthy"] is True
+        assert "b1 and d1 do not reach each other directly; relayed through c1" in r.stdout, r.stdout
+        rows = {n["name"]: n["mesh"] for n in cli.json("cluster", "status", name)["nodes"]}
+        assert {n: m["relayed"] for n, m in rows.items()} == {
+            "a1": {"b1": "c1", "d1": "c1"}, "c1": {}, "b1": {"a1": "c1", "d1": "c1"}, "d1": {"a1": "c1", "b1": "c1"}}
+        assert all(m["peers_down"] == [] for m in rows.values()), rows
+        # On b1, c1's WireGuard entry now carries d1's and a1's addresses; d1's entry carries none.
+        key_c1 = on(cli, name, "c1", "wg show dcx0 public-key").stdout.strip()
+        key_d1_pub = on(cli, name, "d1", "wg show dcx0 public-key").stdout.strip()
+        allowed = dict(line.split("\t") for line in on(cli, name, "b1", "wg show dcx0 allowed-ips").stdout.splitlines())
+        assert sorted(allowed[key_c1].split()) == sorted(f"{rows[n]['address']}/32" for n in ("a1", "c1", "d1"))
+        assert allowed[key_d1_pub] == "(none)"
+        assert on(cli, name, "b1", ifindex).stdout == index_b1
+        assert "dcx relay hybrid" in sites.exec("c1", "iptables", "-S", "FORWARD")
+        assert "dcx relay hybrid" not in sites.exec("a1", "iptables", "-S", "FORWARD")
+        # Traffic between the two edge sites flows again: the overlay answers from every task.
+        every_task_answers(cli, name, ["b1", "d1"], {"a1", "b1", "c1", "d1"})
 
-        # b1's tunnel goes down: status says so (and exits 1), naming the peers that do not answer; a
-        # re-run brings it back.
+        # b1's tunnel goes down: status says so (and exits 1), naming the peers that do not answer and
+        # the relayed ones; a re-run brings it back.
         on(cli, name, "b1", "wg-quick down dcx0").check_returncode()
         down = cli.run("cluster", "status", name)
         assert down.returncode == 1
-        assert re.search(r"^b1 .* 0/2 peers, dcx0 missing, down: a1 a2$", down.stdout, re.M), down.stdout
-        assert re.search(r"^a1 .* 1/2 peers, down: b1$", down.stdout, re.M), down.stdout
+        assert re.search(r"^b1 .* 0/3 peers, dcx0 missing, relayed: a1 d1 via c1, down: a1 c1 d1$", down.stdout,
+                         re.M), down.stdout
+        assert re.search(r"^a1 .* 2/3 peers, relayed: b1 d1 via c1, down: b1$", down.stdout, re.M), down.stdout
         r = cli.run("cluster", "create", "-f", str(spec), timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "==> Configure the WireGuard mesh (3 hosts)\n    1 changed, 2 unchanged" in r.stdout
+        assert "==> Configure the WireGuard mesh (4 hosts)\n    1 changed, 3 unchanged" in r.stdout
         assert cli.json("cluster", "status", name)["healthy"] is True
 
         # Site B cut off (its router loses its uplink): the status asked right after shows b1 down from
-        # site A and b1 unreachable; back, the cluster is healthy again without a dcx run.
+        # every other node (d1 reaches it through c1) and b1 unreachable; back, the cluster is healthy
+        # again without a dcx run.
         sites.exec("rb", "ip", "link", "set", "eth0", "down")
         try:
             cut = cli.json("cluster", "status", name)
             assert cut["healthy"] is False
             rows = {n["name"]: n for n in cut["nodes"]}
-            assert rows["a1"]["mesh"]["peers_down"] == ["b1"] and rows["a2"]["mesh"]["peers_down"] == ["b1"], rows
+            assert all(rows[n]["mesh"]["peers_down"] == ["b1"] for n in ("a1", "c1", "d1")), rows
             assert rows["b1"]["state"] == "unreachable", rows["b1"]
         finally:
             sites.exec("rb", "ip", "link", "set", "eth0", "up")
         wait_for(lambda: cli.json("cluster", "status", name)["healthy"], 120, "healthy again after site B is back")
     finally:
         cli.run("cluster", "destroy", name, "--yes", timeout=300)
-    for node in ("a1", "b1", "b2"):
+    for node in ("a1", "b1", "c1", "d1"):
         ns = sites.hosts[node]
         leftovers = subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "show", "dcx0"], capture_output=True)
         assert leftovers.returncode != 0, f"{node} still has dcx0"
+    assert "dcx relay" not in sites.exec("c1", "iptables", "-S", "FORWARD")
+
+
+def every_task_answers(cli: Dcx, name: str, clients: list[str], nodes: set[str]) -> None:
+    """Each client node, from a container on the overlay, gets an answer from the task on every node."""
+    probe = ("docker run --rm --network hy-net dcx-hy/busybox:1 sh -c "
+             "'for ip in $(nslookup tasks.web 2>/dev/null | awk \"/^Address: /{print \\$2}\"); do "
+             "timeout 5 wget -q -O - http://$ip/; done'")
+    wanted = {f"hello from {n}" for n in nodes}
+    for client in clients:
+        # A task's DNS record may trail its Running state by a moment: ask again until all answer.
+        wait_for(lambda c=client: wanted <= set(on(cli, name, c, probe).stdout.splitlines()), 90,
+                 f"an answer from each of the tasks on {sorted(nodes)}, asked from {client}")
 
 
 def test_without_the_mesh_the_sites_cannot_form_a_cluster(sites: Lab, tmp_path: Path) -> None:
@@ -189,7 +247,7 @@ def test_without_the_mesh_the_sites_cannot_form_a_cluster(sites: Lab, tmp_path: 
     cli.env["DCX_NO_SSH_CONFIG"] = "1"
     name = "nomesh"
     spec = tmp_path / "cluster.yaml"
-    spec.write_text(spec_text(sites, name, "none", ["b1"]))
+    spec.write_text(spec_text(sites, name, ["a1", "a2", "b1"], mesh="none"))
     try:
         r = cli.run("cluster", "create", "-f", str(spec), timeout=600)
         assert r.returncode == 1

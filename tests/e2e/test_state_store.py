@@ -79,7 +79,27 @@ def test_second_runner_runs_a_cluster_from_the_bucket_alone(bucket_env: dict[str
         assert status["healthy"] is True and len(status["nodes"]) == 2, status
 
         spec.write_text(cluster_yaml(NAME, SUBNET, control=1, workers=2))
+        # This runner's ssh settings go to a stand-in for ~/.ssh/config, its docker context to its own
+        # DOCKER_CONFIG (nothing of this machine's user is touched).
+        user_config, docker_config = tmp_path / "user-ssh-config", tmp_path / "docker-config"
+        user_config.write_text("")
+        second.env.pop("DCX_NO_SSH_CONFIG")
+        second.env.update(DCX_SSH_CONFIG=str(user_config), DOCKER_CONFIG=str(docker_config))
         second.run("cluster", "create", "-f", str(spec), check=True)  # scale: one more worker
+        # `docker --context dcx-NAME` from the runner that did not make the cluster: docker runs `ssh
+        # dcx-NAME`, which reaches the store's working directory through the Include (`ssh` here reads
+        # the stand-in config, as it would read ~/.ssh/config).
+        shim = tmp_path / "bin" / "ssh"
+        shim.parent.mkdir()
+        shim.write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {user_config} "$@"\n')
+        shim.chmod(0o755)
+        assert user_config.read_text().startswith(f"Include {second.home}/cache/s3-")
+        ls = subprocess.run(["docker", "--context", f"dcx-{NAME}", "node", "ls", "--format", "{{.Hostname}}"],
+                            env={**os.environ, "DOCKER_CONFIG": str(docker_config),
+                                 "PATH": f"{shim.parent}:{os.environ['PATH']}"},
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert ls.returncode == 0, ls.stderr
+        assert sorted(ls.stdout.split()) == [f"{NAME}-control-1", f"{NAME}-workers-1", f"{NAME}-workers-2"]
         status = second.json("cluster", "status", NAME)
         assert status["healthy"] is True and sorted(n["name"] for n in status["nodes"]) == [
             f"{NAME}-control-1", f"{NAME}-workers-1", f"{NAME}-workers-2"]
@@ -98,6 +118,7 @@ def test_second_runner_runs_a_cluster_from_the_bucket_alone(bucket_env: dict[str
 
         second.run("cluster", "destroy", NAME, "--yes", check=True)
         assert bucket_objects(bucket_env) == {}
+        assert user_config.read_text() == ""  # the Include went with the store's last cluster here
         assert not list((tmp_path / "machines").glob(f"*/{NAME}"))  # the nodes' disks went with them
         assert json.loads(second.run("cluster", "list", "-o", "json", check=True).stdout) == []
     finally:

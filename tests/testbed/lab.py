@@ -72,10 +72,11 @@ class Lab:
         return r.stdout
 
     def router(self, name: str, public: tuple[str, str], inside: tuple[str, str],
-               forwards: list[tuple[str, int, str, int]] = ()) -> None:
+               forwards: list[tuple[str, int, str, int]] = (), gateway: str | None = None) -> None:
         """A site router: its public side is its primary address (its sshd listens there, so it can be
-        a bastion), NAT for the inside network, and port forwards (proto, public port, inside ip, port)."""
-        self.host(name, public[0], public[1], extra=[inside], forward=True)
+        a bastion), NAT for the inside network, and port forwards (proto, public port, inside ip, port).
+        With `gateway` (the router of an outer NAT), it is the inner router of a double NAT."""
+        self.host(name, public[0], public[1], extra=[inside], forward=True, gateway=gateway)
         out_if = "eth0"
         self.exec(name, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", out_if, "-j", "MASQUERADE")
         for proto, port, ip, to_port in forwards:

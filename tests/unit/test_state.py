@@ -129,3 +129,23 @@ def test_dcx_home_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("DCX_HOME", str(tmp_path))
     assert StateStore().root == tmp_path
     assert os.environ["DCX_HOME"] == str(tmp_path)
+
+
+def test_a_session_writes_the_state_only_when_it_changed(tmp_path: Path) -> None:
+    """A re-run records every node and resource again: unchanged records cost no write (each one is two
+    fsyncs, or an upload to a bucket store), a changed one (also a value changed in place) is written."""
+    from dcx.lifecycle.session import Session, null_reporter
+
+    session = Session(StateStore(tmp_path), "c1", "create", null_reporter())
+    session.load_or_new(None)
+    session.journal("local/node/a", {"address": "10.0.0.2"})
+    path = session.cdir.state_file
+    first = path.stat().st_ino  # atomic_write renames a new file into place: a new inode per write
+    session.journal("local/node/a", {"address": "10.0.0.2"})
+    session.save()
+    assert path.stat().st_ino == first
+    recorded = session.state.resources["local/node/a"]
+    recorded["sshd_pid"] = 7  # changed in place, then recorded again (as providers do)
+    session.journal("local/node/a", recorded)
+    assert path.stat().st_ino != first
+    assert json.loads(path.read_text())["resources"]["local/node/a"] == {"address": "10.0.0.2", "sshd_pid": 7}

@@ -9,6 +9,7 @@ weakening the lock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -27,6 +28,7 @@ from dcx.state import ClusterState, StateStore
 from dcx.stores import Location, parse_url
 from dcx.stores.lock import RemoteLock
 from dcx.stores.s3 import S3Backend
+from tests.testbed.stores import az_store, azurite, gcs_emulator, gcs_store, moto_server, s3_store
 
 BUCKET = "dcx-state-test"
 KEY = "a-state-key-for-tests-only-0123456789"
@@ -34,13 +36,37 @@ KEY = "a-state-key-for-tests-only-0123456789"
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
+    with moto_server() as endpoint:
+        yield endpoint
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+
+@pytest.fixture(scope="module")
+def gcs_address() -> Iterator[str]:
+    with gcs_emulator() as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def azurite_connection() -> Iterator[str]:
+    with azurite() as connection_string:
+        yield connection_string
+
+
+@pytest.fixture(params=["s3", "gs", "az"])
+def any_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, dict[str, str]]]:
+    """A fresh store of each kind (its URL, and the environment a dcx process needs), also set in this
+    process's environment for the tests' own reads."""
+    monkeypatch.delenv("DCX_STATE", raising=False)
+    with contextlib.ExitStack() as stack:
+        if request.param == "s3":
+            url, env = s3_store(request.getfixturevalue("s3_endpoint"))
+        elif request.param == "gs":
+            url, env = stack.enter_context(gcs_store(request.getfixturevalue("gcs_address")))
+        else:
+            url, env = az_store(request.getfixturevalue("azurite_connection"))
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        yield url, env
 
 
 @pytest.fixture
@@ -206,7 +232,8 @@ def test_without_the_key_secrets_are_refused_in_one_line(s3: str, tmp_path: Path
                           "--state", s3], env={**os.environ, "DCX_HOME": str(tmp_path / "d")}, capture_output=True,
                          text=True, stdin=subprocess.DEVNULL, timeout=60)
     assert cli.returncode == EXIT_BAD_INPUT and cli.stderr == (
-        f"error: the cluster's SSH key is sealed in {s3}: set DCX_STATE_KEY (the key the cluster was made with)\n")
+        f"error: the cluster's SSH key is sealed in {s3}: set DCX_STATE_KEY or DCX_STATE_KMS_KEY (the key the "
+        "cluster was made with)\n")
     assert not (tmp_path / "x.tgz").exists()
     monkeypatch.setenv("DCX_STATE_KEY", "another-key-entirely-0123456789")
     wrong = store_in(tmp_path / "c", s3, monkeypatch).cluster("demo")
@@ -301,23 +328,35 @@ def silent_listener() -> tuple[socket.socket, int]:
     return srv, srv.getsockname()[1]
 
 
-def test_two_runners_one_store_lock_kill_and_unlock(s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two dcx processes with their own DCX_HOME ("two CI runners") against one bucket."""
+def stored(url: str) -> dict[str, bytes]:
+    """Every object of a store (any kind), by key relative to its prefix, read through dcx's backend."""
+    from dcx.stores import backend_for
+
+    b = backend_for(parse_url(url))
+    return {k: got[0] for k in b.list("") if (got := b.get(k)) is not None}
+
+
+def test_two_runners_one_store_lock_kill_and_unlock(any_store: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    """Two dcx processes with their own DCX_HOME ("two CI runners") against one store, of each kind: the
+    lock is the service's own conditional write (S3 If-None-Match, GCS ifGenerationMatch=0 through the
+    strict layer, Azure If-None-Match), taken by the first; the second exits 3 naming it; after the
+    first is killed (SIGKILL: nothing released) `cluster unlock --yes` lets the second run."""
+    url, store_env = any_store
     srv, port = silent_listener()
     spec = tmp_path / "cluster.yaml"
     spec.write_text("apiVersion: dcx/v1\nkind: Cluster\nmetadata: {name: shared}\nspec:\n  pools:\n"
                     f"    - {{name: control, role: control, provider: ssh, ssh: {{hosts: [{{name: h1, "
                     f"address: 127.0.0.1, port: {port}}}]}}}}\n")
-    env = {**os.environ, "DCX_NO_SSH_CONFIG": "1", "DCX_MACHINE_DIR": str(tmp_path / "machines")}
+    env = {**os.environ, **store_env, "DCX_NO_SSH_CONFIG": "1", "DCX_MACHINE_DIR": str(tmp_path / "machines")}
     run_a = {**env, "DCX_HOME": str(tmp_path / "runner-a")}
     run_b = {**env, "DCX_HOME": str(tmp_path / "runner-b")}
-    base = [sys.executable, "-m", "dcx", "--state", s3]
+    base = [sys.executable, "-m", "dcx", "--state", url]
     holder = subprocess.Popen([*base, "cluster", "create", "-f", str(spec), "--ssh-timeout", "300"], env=run_a,
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        lock_key = f"{parse_url(s3).prefix}/clusters/shared/lock.json"
+        lock_key = "clusters/shared/lock.json"
         for _ in range(300):  # until the holder has taken the lock (no timing asserted)
-            if lock_key in objects(s3) or holder.poll() is not None:
+            if lock_key in stored(url) or holder.poll() is not None:
                 break
             time.sleep(0.1)
         assert holder.poll() is None, "the first runner ended before taking the lock"
@@ -340,8 +379,8 @@ def test_two_runners_one_store_lock_kill_and_unlock(s3: str, tmp_path: Path, mon
         third = subprocess.run([*base, "cluster", "create", "-f", str(spec), "--ssh-timeout", "5"], env=run_b,
                                capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
         assert third.returncode not in (EXIT_LOCKED, 0) and "locked" not in third.stderr
-        assert lock_key not in objects(s3)  # released at its end
-        state = json.loads(objects(s3)[f"{parse_url(s3).prefix}/clusters/shared/state.json"])
+        assert lock_key not in stored(url)  # released at its end
+        state = json.loads(stored(url)["clusters/shared/state.json"])
         assert state["name"] == "shared"
     finally:
         if holder.poll() is None:
@@ -359,3 +398,109 @@ def test_state_option_is_global_and_bad_urls_exit_2(tmp_path: Path) -> None:
                               "-o", "json"], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                              timeout=60)
     assert listing.returncode == 0 and json.loads(listing.stdout) == []
+
+
+def test_destroy_removes_the_state_and_releases_the_lock_in_one_locked_sequence(
+        s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The removal under the lock destroy holds: the cluster's objects are deleted, then the lock object
+    (If-Match: its own), with no release and re-take of the lock in between for another run to slip into."""
+    from dcx.lifecycle.destroy import destroy_cluster
+    from dcx.lifecycle.session import Options
+    from dcx.spec import load
+
+    spec = tmp_path / "gone.yaml"  # an ssh pool whose machine was never taken in: nothing to reset
+    spec.write_text("apiVersion: dcx/v1\nkind: Cluster\nmetadata: {name: gone}\nspec:\n  pools:\n"
+                    "    - {name: control, role: control, provider: ssh, ssh: {hosts: [{name: h1, "
+                    "address: 127.0.0.1}]}}\n")
+    monkeypatch.setenv("DCX_NO_SSH_CONFIG", "1")
+    store = store_in(tmp_path / "a", s3, monkeypatch)
+    cdir = store.cluster("gone")
+    with cdir.lock("cluster create"):
+        cdir.save(ClusterState(name="gone", id="0", spec=load(spec).model_dump(mode="json")))
+        cdir.ensure_ssh_key()
+    calls: list[tuple[str, str]] = []
+    backend = store.mirror.backend
+    for op in ("create", "replace", "delete", "delete_if", "put"):
+        def record(*args: object, _op: str = op, _real: object = getattr(backend, op)) -> object:
+            calls.append((_op, str(args[0]).split("clusters/gone/")[-1]))
+            return _real(*args)  # type: ignore[operator]
+        monkeypatch.setattr(backend, op, record)
+    destroy_cluster("gone", None, Options(), store)
+    writes = [c for c in calls if c[0] != "replace"]  # (lease renewals of the held lock may come in between)
+    assert writes[0] == ("create", "lock.json") and writes[-1] == ("delete_if", "lock.json")
+    assert [c for c in writes if c[1] == "lock.json"] == [writes[0], writes[-1]]  # taken once, released once
+    assert writes[-2][0] == "delete" and "state.json" in [c[1] for c in writes if c[0] == "delete"]
+    assert objects(s3) == {} and not cdir.path.exists()
+
+
+def kms_key(alias: str) -> str:
+    """A symmetric key in moto's KMS (same endpoint as its S3), named by an alias."""
+    kms = boto3.client("kms")
+    key_id = kms.create_key(Description="dcx state store test")["KeyMetadata"]["KeyId"]
+    kms.create_alias(AliasName=alias, TargetKeyId=key_id)
+    return alias
+
+
+def test_kms_envelope_encryption_of_secrets(s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DCX_STATE_KMS_KEY: each secret sealed under a fresh KMS data key (GenerateDataKey), opened by KMS
+    Decrypt pinned to that key (moto's KMS server); no DCX_STATE_KEY needed or used."""
+    monkeypatch.delenv("DCX_STATE_KEY")
+    monkeypatch.setenv("DCX_STATE_KMS_KEY", kms_key(f"alias/dcx-{os.urandom(3).hex()}"))
+    cdir = store_in(tmp_path / "a", s3, monkeypatch).cluster("demo")
+    with cdir.lock("cluster create"):
+        cdir.save(ClusterState(name="demo", id="c0ffee00"))
+        private = cdir.ensure_ssh_key()[0].read_bytes()
+        cdir.secret_file("k3s-token").write_text("K10-super-secret-token")
+    stored = {k.split("clusters/demo/")[1]: v for k, v in objects(s3).items()}
+    for rel in ("ssh/id_ed25519", "secrets/k3s-token"):
+        assert stored[rel].startswith(b"dcx-sealed-kms-v1\n")
+    body = b"\n".join(stored.values())
+    assert b"PRIVATE KEY" not in body and private[40:80] not in body and b"super-secret" not in body
+
+    fresh = store_in(tmp_path / "b", s3, monkeypatch).cluster("demo")  # another runner: the URL and the key id
+    assert fresh.private_key.read_bytes() == private
+    assert fresh.secret_file("k3s-token").read_text() == "K10-super-secret-token"
+
+    monkeypatch.setenv("DCX_STATE_KMS_KEY", kms_key(f"alias/other-{os.urandom(3).hex()}"))
+    with pytest.raises(InputError) as exc:
+        store_in(tmp_path / "c", s3, monkeypatch).cluster("demo").load()
+    assert "does not open it" in exc.value.message and "\n" not in exc.value.message
+    monkeypatch.delenv("DCX_STATE_KMS_KEY")
+    monkeypatch.setenv("DCX_STATE_KEY", KEY)  # a passphrase does not open a KMS-sealed object: it says so
+    with pytest.raises(InputError, match="sealed with AWS KMS: set DCX_STATE_KMS_KEY"):
+        store_in(tmp_path / "d", s3, monkeypatch).cluster("demo").load()
+    monkeypatch.setenv("DCX_STATE_KMS_KEY", "alias/no-such-key")
+    new = store_in(tmp_path / "e", s3, monkeypatch).cluster("new")
+    with pytest.raises(InputError, match="DCX_STATE_KMS_KEY: no KMS key 'alias/no-such-key'"), new.lock("create"):
+        new.save(ClusterState(name="new", id="0"))
+        new.ensure_ssh_key()  # sealed on its way to the store: refused, never stored in clear
+    assert not [k for k in objects(s3) if "/clusters/new/ssh/" in k]
+
+
+def test_kms_is_aws_only_for_now(tmp_path: Path) -> None:
+    env = {**os.environ, "DCX_HOME": str(tmp_path), "DCX_STATE_KMS_KEY": "alias/x"}
+    for url in ("gs://b/p", "az://acct/cont/p"):
+        r = subprocess.run([sys.executable, "-m", "dcx", "cluster", "list", "--state", url], env=env,
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+        assert r.returncode == EXIT_BAD_INPUT and len(r.stderr.splitlines()) == 1, r.stderr
+        assert "KMS envelope encryption is AWS KMS only, for s3:// stores" in r.stderr
+
+
+def test_a_pull_that_fails_half_way_pushes_nothing(s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A working copy half refreshed holds files older than the store's: the failed run must not write
+    them back over the newer ones (here: the wrong DCX_STATE_KEY stops the pull at the sealed key, before
+    state.json is refreshed)."""
+    a = store_in(tmp_path / "a", s3, monkeypatch).cluster("demo")
+    with a.lock("cluster create"):
+        a.save(ClusterState(name="demo", id="c0ffee00", status="new"))
+        a.ensure_ssh_key()
+    b = store_in(tmp_path / "b", s3, monkeypatch).cluster("demo")
+    with b.lock("cluster create"):
+        b.save(ClusterState(name="demo", id="c0ffee00", status="ready"))
+    monkeypatch.setenv("DCX_STATE_KEY", "another-key-entirely-0123456789")
+    a.mirror._sealer, a.mirror.digests = None, {}  # as a new process on runner a: its old working copy only
+    with pytest.raises(InputError, match="does not open it"), a.lock("cluster create"):
+        pass
+    state = objects(s3)[f"{parse_url(s3).prefix}/clusters/demo/state.json"]
+    assert json.loads(state)["status"] == "ready"
+    assert f"{parse_url(s3).prefix}/clusters/demo/lock.json" not in objects(s3)

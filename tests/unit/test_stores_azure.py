@@ -6,10 +6,6 @@ with If-None-Match: * over an existing blob (409), with a stale If-Match (412), 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,58 +14,26 @@ import pytest
 from dcx.errors import EXIT_LOCKED, InputError, LockHeld
 from dcx.state import ClusterState, StateStore
 from dcx.stores import parse_url
+from tests.testbed.stores import AZ_ACCOUNT as ACCOUNT
+from tests.testbed.stores import az_store
+from tests.testbed.stores import azurite as start_azurite
 
 pytest.importorskip("azure.storage.blob", reason="azure-storage-blob is not installed (pip install azure-storage-blob)")
-
-ROOT = Path(__file__).resolve().parents[2]
-# Azurite's documented development account (Azurite README, "Default storage account").
-ACCOUNT = "devstoreaccount1"
-ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-
-
-def azurite_binary() -> str:
-    for candidate in (os.environ.get("AZURITE_BLOB", ""), str(ROOT / ".tools/azurite/node_modules/.bin/azurite-blob"),
-                      shutil.which("azurite-blob") or ""):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.skip("Azurite not found: run scripts/setup (npm install azurite into .tools/azurite) or set AZURITE_BLOB")
 
 
 @pytest.fixture(scope="module")
 def azurite() -> Iterator[str]:
-    binary = azurite_binary()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    proc = subprocess.Popen([binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
-                             "--silent", "--skipApiVersionCheck"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(300):  # until it listens
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail(f"azurite exited: {proc.stderr.read().decode()[:500]}")  # type: ignore[union-attr]
-                time.sleep(0.1)
-        yield (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
-               f"BlobEndpoint=http://127.0.0.1:{port}/{ACCOUNT};")
-    finally:
-        proc.kill()  # in memory, nothing to keep; SIGTERM waits for idle keep-alive connections
-        proc.wait()
+    with start_azurite() as connection_string:
+        yield connection_string
 
 
 @pytest.fixture
 def az(azurite: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    from azure.storage.blob import BlobServiceClient
-
-    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite)
-    monkeypatch.setenv("DCX_STATE_KEY", "a-state-key-for-tests-only-0123456789")
     monkeypatch.delenv("DCX_STATE", raising=False)
-    container = f"dcx-{os.urandom(3).hex()}"
-    BlobServiceClient.from_connection_string(azurite).create_container(container)
-    return f"az://{ACCOUNT}/{container}/team"
+    url, env = az_store(azurite)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return url
 
 
 def backend(url: str):  # -> AzureBlobBackend

@@ -5,7 +5,6 @@ layer enforces them as Cloud Storage documents."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,38 +15,27 @@ import pytest
 from dcx.errors import EXIT_LOCKED, LockHeld
 from dcx.state import ClusterState, StateStore
 from dcx.stores import parse_url
+from tests.testbed.stores import GCS_BUCKET as BUCKET
+from tests.testbed.stores import gcs_emulator, gcs_store
 
 pytest.importorskip("google.cloud.storage", reason="google-cloud-storage is not installed (pip install "
                     "google-cloud-storage)")
 pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is not installed")
 
-BUCKET = "dcx-state"
-
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[str]:
-    from gcp_storage_emulator.server import create_server
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop()
+    with gcs_emulator() as address:
+        yield address
 
 
 @pytest.fixture
 def gcs(emulator: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    from tests.fakes.gcs_strict import StrictGcs
-
-    strict = StrictGcs(emulator).start()
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", strict.url)
-    monkeypatch.setenv("DCX_STATE_KEY", "a-state-key-for-tests-only-0123456789")
     monkeypatch.delenv("DCX_STATE", raising=False)
-    yield f"gs://{BUCKET}/t-{os.urandom(3).hex()}"
-    strict.close()
+    with gcs_store(emulator) as (url, env):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        yield url
 
 
 def backend(url: str):  # -> GCSBackend
