@@ -21,7 +21,8 @@ GIVE_UP_PATIENCE = 30.0  # seconds the cleanup may take (a store that hangs) bef
 
 
 def start(seconds: float) -> threading.Timer:
-    timer = threading.Timer(seconds, _expired, args=(seconds,))
+    # Beyond TIMEOUT_MAX (~292 years) the timer's wait raises OverflowError in its thread.
+    timer = threading.Timer(min(seconds, threading.TIMEOUT_MAX), _expired, args=(seconds,))
     timer.name, timer.daemon = "dcx-timeout", True
     timer.start()
     return timer

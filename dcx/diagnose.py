@@ -27,7 +27,7 @@ from dcx.bootstrap.ssh import connect_with_retry, fan_out
 from dcx.errors import DcxError
 from dcx.log import log, redact, redact_gathered, register_secret
 from dcx.shell import q
-from dcx.state import StateStore, atomic_write, now_iso
+from dcx.state import StateStore, atomic_write, check_output_file, now_iso
 
 CLOCK_SKEW_S = 30.0
 HANDSHAKE_STALE_S = 180  # WireGuard handshakes again every 2 minutes while traffic flows
@@ -229,6 +229,7 @@ def diagnose(name: str, archive: Path | None = None, *, become_password: str | N
     _register_local_secrets(cdir.path / "secrets")
     stamp = now_iso().replace(":", "").replace("-", "")
     archive = archive or Path(f"dcx-{name}-diagnose-{stamp}.tar.gz")
+    check_output_file(archive, "the archive")
     nonce = secrets.token_hex(6)
     items = sections(state.engine)
     prefix = "mesh/address/"

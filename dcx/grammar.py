@@ -133,8 +133,9 @@ def proxy_url_problem(value: str) -> str:
     if not m:
         if not value.lower().startswith(("http://", "https://")):
             return "must be an http:// or https:// URL (http://host:port)"
-        return ("must be http(s)://[user:password@]host[:port] with no path; percent-encode other characters "
-                "of the user and password")
+        # Worded without "://user:password@", which the output's URL-password redaction would mask.
+        return ("must be http(s)://host[:port] with no path, a user and password going before the host as "
+                "user:password@; percent-encode other characters of the user and password")
     host, port = split_host_port(m.group("hostport"))
     if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
         return f"port '{port}' is not a number from 1 to 65535"

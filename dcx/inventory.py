@@ -328,8 +328,7 @@ def proxy_from_vars(values: dict[str, Any], file: str, line: int | None, host: s
                 out[name] = text
         for url in (out.get("http", ""), out.get("https", "")):
             userinfo = grammar.proxy_userinfo(url)
-            if userinfo:  # a secret: never in a log line or an error
-                register_secret(userinfo)
+            if ":" in userinfo:  # the password is a secret: never in a log line or an error
                 register_secret(userinfo.partition(":")[2])
         return out
     return None

@@ -126,9 +126,9 @@ class ProxySpec(_Model):
         if value:
             _checked(grammar.proxy_url_problem(value))
             userinfo = grammar.proxy_userinfo(value)
-            if userinfo:
-                # A password in the URL is a secret: never in a log line or an error.
-                register_secret(userinfo)
+            if ":" in userinfo:
+                # The password is a secret: never in a log line or an error (the user name is no secret,
+                # and redacting it would hide that word everywhere).
                 register_secret(userinfo.partition(":")[2])
         return value
 

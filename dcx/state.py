@@ -89,6 +89,30 @@ def ensure_private_dir(path: Path, private_from: Path | None = None) -> Path:
     return path
 
 
+def check_output_file(path: Path, what: str) -> None:
+    """A file the user named for an archive (-o FILE) can be written by atomic_write, or an InputError saying
+    why not, before any work. An existing regular file is replaced atomically (as `docker save -o` does: the
+    old one stays whole until the new one is complete); a device, pipe or socket is refused, since the
+    rename would replace it (as root, `/dev/null` itself)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write {what} there ({exc.strerror})") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise InputError(f"{path}: is not a regular file: give a new file name for {what}")
+    if not parent.is_dir():
+        raise InputError(f"{path}: directory {parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write {what} there ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
     """Write via a temp file in the same directory, fsync, then rename: readers see old or new."""
     if isinstance(data, str):

@@ -107,6 +107,9 @@ class Phase:
     # for the other hosts. Only for phases whose `hosts`, `prepare`, `needs_run` and `run` look at no
     # other host's results of the phases before (they run when the first host gets here).
     pipelined: bool = False
+    # Every host must have passed this phase before any host goes on, even into a pipelined phase
+    # (preflight: nothing changes anywhere until every host has passed it).
+    barrier_after: bool = False
 
     def hosts(self, ctx: RunContext) -> list[Host]:
         return ctx.hosts
@@ -175,10 +178,10 @@ def run_phases(ctx: RunContext, phases: list[Phase]) -> None:
 
 
 def pipeline_groups(phases: list[Phase]) -> list[list[Phase]]:
-    """Each phase together with the pipelined phases right after it."""
+    """Each phase together with the pipelined phases right after it (none after a barrier_after phase)."""
     groups: list[list[Phase]] = []
     for phase in phases:
-        if phase.pipelined and groups:
+        if phase.pipelined and groups and not groups[-1][-1].barrier_after:
             groups[-1].append(phase)
         else:
             groups.append([phase])

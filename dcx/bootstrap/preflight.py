@@ -49,6 +49,7 @@ def host_problems(ctx: RunContext, host: Host, dupes: dict[str, list[str]]) -> l
 class Preflight(Phase):
     title = "Preflight checks"
     read_only = True
+    barrier_after = True  # nothing changes on any host until every host has passed
 
     def prepare(self, ctx: RunContext) -> None:
         self.dupes: dict[str, list[str]] = {}

@@ -124,6 +124,12 @@ def cluster_ranges(ctx: RunContext) -> list[str]:
 def node_proxy(chosen_spec: Any, ranges: list[str]) -> Proxy | None:
     if chosen_spec is None or not (chosen_spec.http or chosen_spec.https):
         return None
+    if any(":***@" in (url or "") for url in (chosen_spec.http, chosen_spec.https)):
+        # A spec read back from state.json has the password masked (state holds no secret).
+        from dcx.errors import InputError
+
+        raise InputError("the proxy's password is not recorded in dcx's state: give the spec file with "
+                         "-f FILE (the same file `dcx cluster create` was run with)")
     https = chosen_spec.https or chosen_spec.http  # one proxy for both unless https is given apart
     return Proxy(http=chosen_spec.http, https=https,
                  no_proxy=tuple(dict.fromkeys([*chosen_spec.noProxy, *ranges])))
@@ -133,7 +139,7 @@ def node_proxy(chosen_spec: Any, ranges: list[str]) -> Proxy | None:
 
 
 @dataclass(frozen=True)
-class Target:
+class NodeFiles:
     """What one node should have: contents by path (None: absent), per its facts and the engine."""
 
     env: str | None
@@ -154,7 +160,7 @@ def k3s_env_file(init: str, role: str) -> str | None:
     return None  # dcx starts k3s itself: it sources PROXY_ENV
 
 
-def target(proxy: Proxy | None, *, family: str, init: str, engine: str, role: str) -> Target:
+def target(proxy: Proxy | None, *, family: str, init: str, engine: str, role: str) -> NodeFiles:
     env = "".join(f"{line}\n" for line in proxy.env_lines()) if proxy else None
     dropin = None
     if proxy and init == "systemd" and engine != "k3s":
@@ -167,7 +173,7 @@ def target(proxy: Proxy | None, *, family: str, init: str, engine: str, role: st
             if url)
     dnf_line = f"proxy={proxy.http or proxy.https}" if proxy and family == "rhel" else None
     k3s_lines = tuple(sorted(proxy.env_lines())) if proxy and engine == "k3s" else ()
-    return Target(env=env, dropin=dropin, apt=apt, dnf_line=dnf_line,
+    return NodeFiles(env=env, dropin=dropin, apt=apt, dnf_line=dnf_line,
                   k3s_env=k3s_env_file(init, k3s.k3s_role(role)) if engine == "k3s" else None, k3s_lines=k3s_lines)
 
 
@@ -183,7 +189,7 @@ def _file_sha(path: str) -> str:
     return f"if [ -f {q(path)} ]; then sha256sum < {q(path)} | cut -d' ' -f1; else echo -; fi"
 
 
-def probe_script(t: Target) -> str:
+def probe_script(t: NodeFiles) -> str:
     """What the node has now, as `key=value` lines: sha256 of each file dcx may own ("-": absent), the
     dnf/yum proxy line dcx marked, and the normalised proxy lines of k3s's env file."""
     # A drop-in of that name without dcx's header is the machine owner's (Docker's docs suggest the name):
@@ -209,7 +215,7 @@ def parse_probe(text: str) -> dict[str, str]:
     return out
 
 
-def changes(t: Target, have: dict[str, str]) -> list[str]:
+def changes(t: NodeFiles, have: dict[str, str]) -> list[str]:
     """What differs: env, dropin, apt, dnf, k3s (the k3s file is only edited when it exists: the install
     script makes it, from the environment dcx gives it)."""
     out = [name for name, want in (("env", sha(t.env)), ("dropin", sha(t.dropin)), ("apt", sha(t.apt)))
@@ -245,7 +251,7 @@ def k3s_env_command(path: str) -> str:
     return (f"umask 077; {{ grep -Eiv {q(PROXY_LINES)} {p}; cat; }} > {new}; chmod 600 {new} && mv {new} {p}")
 
 
-def apply_commands(t: Target, what: list[str], dnf_file: str) -> list[tuple[str, str]]:
+def apply_commands(t: NodeFiles, what: list[str], dnf_file: str) -> list[tuple[str, str]]:
     """(command, stdin) for each change."""
     out: list[tuple[str, str]] = []
     for name, path, content, mode in (("env", PROXY_ENV, t.env, "600"), ("dropin", DOCKER_DROPIN, t.dropin, "644"),
@@ -336,7 +342,7 @@ class ConfigureProxy(Phase):
         return bool(host.data["proxy_changes"])
 
     def run(self, ctx: RunContext, host: Host) -> None:
-        t: Target = host.data["proxy_target"]
+        t: NodeFiles = host.data["proxy_target"]
         what: list[str] = host.data["proxy_changes"]
         for command, stdin in apply_commands(t, what, host.data["proxy_dnf_file"]):
             host.run(command, stdin=stdin, timeout=60, check=True, what="writing the proxy settings")

@@ -127,6 +127,8 @@ def roll(
                                         help="Old worker nodes that leave at once (control nodes: one)."),
     parallel: int = typer.Option(10, "--parallel", min=1, max=200, help="Hosts worked on at once."),
     ssh_timeout: float = typer.Option(300.0, "--ssh-timeout", min=1, help="Seconds to wait for a machine's SSH."),
+    file: Path = typer.Option(None, "--file", "-f", dir_okay=False,
+                              help="The cluster spec (default: the one recorded at the last create)."),
 ) -> None:
     """Replace every node of the pools with a new machine of the same spec, surge first: new nodes join
     and are Ready, then old ones are drained and removed, each batch after a health gate."""
@@ -137,7 +139,8 @@ def roll(
     if not o.confirm(f"replace every node of {what} of cluster {name} with a new machine?"):
         raise typer.Exit(1)
     result = roll_pools(name, pool, options(ctx, parallel=parallel, ssh_timeout=ssh_timeout,
-                                            max_unavailable=max_unavailable, key_passphrase=key_passphrase()))
+                                            max_unavailable=max_unavailable, key_passphrase=key_passphrase()),
+                        file=str(file) if file else None)
     show_result(o, name, result)
 
 

@@ -72,6 +72,10 @@ def main_options(
         os.environ["DCX_STATE"] = state
     if lock_timeout:
         os.environ["DCX_LOCK_TIMEOUT"] = str(lock_timeout)
+    else:
+        env_seconds("DCX_LOCK_TIMEOUT")  # a bad value: one line now, not an internal error at the lock
+    if timeout != timeout or timeout == float("inf"):  # inf passes click's min=0; the timer cannot wait it
+        raise typer.BadParameter(f"'{timeout}' is not a number of seconds", param_hint="--timeout")
     seconds = timeout or command_timeout()
     if seconds:
         from dcx import deadline
@@ -82,15 +86,20 @@ def main_options(
 
 def command_timeout() -> float:
     """DCX_TIMEOUT: seconds, or an InputError naming it."""
+    return env_seconds("DCX_TIMEOUT")
+
+
+def env_seconds(name: str) -> float:
+    """A number of seconds from the environment variable `name` (0 when unset), or an InputError naming it."""
     from dcx.errors import InputError
 
-    text = os.environ.get("DCX_TIMEOUT", "").strip()
+    text = os.environ.get(name, "").strip()
     try:
         value = float(text) if text else 0.0
     except ValueError:
         value = -1.0
-    if value < 0 or value != value:
-        raise InputError(f"DCX_TIMEOUT: '{text[:40]}' is not a number of seconds")
+    if value < 0 or value != value or value == float("inf"):
+        raise InputError(f"{name}: '{text[:40]}' is not a number of seconds")
     return value
 
 
@@ -170,17 +179,26 @@ def main() -> None:
     except DcxError as exc:
         Output().error(exc.message, exc.hint)
         sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt) as exc:
+        if isinstance(exc.__cause__, EOFError) and exc.__cause__.args:
+            # typer turns any EOFError of a command (a truncated gzip, a closed stream) into Abort: that is a
+            # failure to report as one, not the user's interrupt (a bare EOFError is an answer cut short).
+            crash(exc.__cause__)
         Output().error("interrupted")
         sys.exit(130)
     except SystemExit:
         raise
     except Exception as exc:
-        with tempfile.NamedTemporaryFile("w", prefix="dcx-crash-", suffix=".log", delete=False) as fh:
-            fh.write(redact(traceback.format_exc()))
-        Output().error(f"internal error: {type(exc).__name__}: {redact(str(exc))} (details: {fh.name})")
-        sys.exit(EXIT_FAILED)
+        crash(exc)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def crash(exc: BaseException) -> None:
+    """An unexpected exception: one line naming it, its traceback only in a file (redacted)."""
+    with tempfile.NamedTemporaryFile("w", prefix="dcx-crash-", suffix=".log", delete=False) as fh:
+        fh.write(redact("".join(traceback.format_exception(exc))))
+    Output().error(f"internal error: {type(exc).__name__}: {redact(str(exc))} (details: {fh.name})")
+    sys.exit(EXIT_FAILED)
 
 
 def usage_message(exc: Exception) -> str:

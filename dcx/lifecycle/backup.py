@@ -28,7 +28,7 @@ from dcx.errors import OperationFailed
 from dcx.lifecycle.session import Options, build_context, null_reporter, open_session, spec_stub
 from dcx.log import log
 from dcx.providers.base import Node
-from dcx.state import StateStore, atomic_write, now_iso
+from dcx.state import StateStore, atomic_write, check_output_file, now_iso
 
 KIND = "dcx-cluster-backup"
 SCHEMA_VERSION = 1
@@ -101,6 +101,7 @@ def backup_cluster(name: str, output: Path | None, options: Options, store: Stat
     reporter = options.reporter or null_reporter()
     started = time.monotonic()
     path = output or default_path(name)
+    check_output_file(path, "the backup")  # before any node is touched: a swarm backup stops dockerd
     with open_session(store, name, "backup", reporter) as session:
         state = session.state = session.cdir.load()
         spec = spec_stub(state)

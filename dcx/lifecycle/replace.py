@@ -111,8 +111,10 @@ def retire(session: Session, spec: ClusterSpec, ctx: RunContext, leaving: list[N
             kill_point("replace:after-leave")
             from dcx.lifecycle.scale_down import delete_machines
 
-            delete_machines(session, spec, batch, options)
             remaining = [h for h in remaining if h.name not in names]
+            # The nodes that stay drop the batch from their mesh now: a pair it relayed gets another relay
+            # before the next gate.
+            delete_machines(session, spec, batch, options, dataclasses.replace(ctx, hosts=remaining))
     finally:
         extra.sessions.close()
     ctx.hosts[:] = remaining
@@ -176,12 +178,21 @@ def mark_for_replacement(session: Session, names: list[str], reason: str) -> Non
 # --- commands -------------------------------------------------------------------------------------
 
 
-def recorded_spec(store: Any, name: str) -> tuple[Any, ClusterSpec]:
-    """The cluster's state and the spec it was last created from (roll and node commands take no file)."""
+def recorded_spec(store: Any, name: str, file: str | None = None) -> tuple[Any, ClusterSpec]:
+    """The cluster's state and its spec: the file given (it must name this cluster), else the one it was
+    last created from as recorded in state (which has its secrets, such as a proxy password, masked)."""
+    from dcx.errors import InputError
     from dcx.lifecycle.session import spec_stub
 
     state = store.cluster(name).load()
-    return state, spec_stub(state)
+    if file is None:
+        return state, spec_stub(state)
+    from dcx import spec as spec_module
+
+    given = spec_module.load(file)
+    if given.name != name:
+        raise InputError(f"{file}: metadata.name: is {given.name}, not cluster {name}")
+    return state, given
 
 
 def replaceable(spec: ClusterSpec, node: dict[str, Any]) -> None:
@@ -198,7 +209,7 @@ def replaceable(spec: ClusterSpec, node: dict[str, Any]) -> None:
                               hint="`dcx cluster create -f FILE` removes it")
 
 
-def roll(name: str, pools: list[str], options: Options, store: Any = None) -> Any:
+def roll(name: str, pools: list[str], options: Options, store: Any = None, file: str | None = None) -> Any:
     """`dcx cluster roll`: every node of the pools (all pools when none named) gets a new machine with the
     same spec, surge first, as a move does."""
     from dcx.errors import InputError
@@ -206,7 +217,7 @@ def roll(name: str, pools: list[str], options: Options, store: Any = None) -> An
     from dcx.state import StateStore
 
     store = store or StateStore()
-    state, spec = recorded_spec(store, name)
+    state, spec = recorded_spec(store, name, file)
     known = [p.name for p in spec.spec.pools]
     unknown = [p for p in pools if p not in known]
     if unknown:
@@ -217,13 +228,13 @@ def roll(name: str, pools: list[str], options: Options, store: Any = None) -> An
     return apply(spec, options, store, replace_nodes={n["name"]: "roll" for n in nodes})
 
 
-def replace_node(name: str, node: str, options: Options, store: Any = None) -> Any:
+def replace_node(name: str, node: str, options: Options, store: Any = None, file: str | None = None) -> Any:
     """`dcx node replace`: one node gets a new machine with the same spec (made and Ready before it goes)."""
     from dcx.lifecycle.apply import apply
     from dcx.state import StateStore
 
     store = store or StateStore()
-    state, spec = recorded_spec(store, name)
+    state, spec = recorded_spec(store, name, file)
     replaceable(spec, known_node(state, node))
     return apply(spec, options, store, replace_nodes={node: "node replace"})
 
@@ -236,7 +247,8 @@ def known_node(state: Any, node: str) -> dict[str, Any]:
     return state.nodes[node]
 
 
-def remove_node(name: str, node: str, options: Options, store: Any = None) -> dict[str, Any]:
+def remove_node(name: str, node: str, options: Options, store: Any = None,
+                file: str | None = None) -> dict[str, Any]:
     """`dcx node remove`: the node is drained (a control node demoted; refused when quorum would be lost) and
     leaves, its machine goes, and its pool's count in the recorded spec is lowered by one, so that plan and
     status agree; the user's file still says the old count until edited (the returned note says so)."""
@@ -248,7 +260,7 @@ def remove_node(name: str, node: str, options: Options, store: Any = None) -> di
     reporter = options.reporter or null_reporter()
     with open_session(store, name, "node remove", reporter) as session:
         state = session.load_or_new(None)
-        spec = recorded_spec(store, name)[1]
+        spec = recorded_spec(store, name, file)[1]
         data = known_node(state, node)
         session.key_path, session.public_key = session.cdir.private_key, ""
         existing = session.existing_nodes(spec, forget=False)
@@ -260,13 +272,18 @@ def remove_node(name: str, node: str, options: Options, store: Any = None) -> di
             remove_nodes(session, spec, ctx, leaving, options)
         finally:
             ctx.sessions.close()
-        note = ""
-        for pool in state.spec.get("spec", {}).get("pools", []):
-            if pool.get("name") == data["pool"] and pool.get("count"):
-                pool["count"] = max(0, int(pool["count"]) - 1)
-                note = (f"pool {data['pool']} now has count {pool['count']} in dcx's record; set the same count "
-                        f"in {state.spec_file or 'the spec file'}, or the next create makes a node again")
-        if not note:
-            note = f"take {node} out of pool {data['pool']}'s inventory, or the next create joins it again"
-        session.save()
+            # Gone (its machine deleted, state forgot it) even when narrowing the mesh after it failed:
+            # the count goes down with it, or the next create would make the node again.
+            note = lower_count(state, data) if node not in state.nodes else ""
+            session.save()
         return {"cluster": name, "removed": node, "pool": data["pool"], "note": note}
+
+
+def lower_count(state: Any, data: dict[str, Any]) -> str:
+    """The recorded spec's count of the removed node's pool goes down by one; returns what the user must do."""
+    for pool in state.spec.get("spec", {}).get("pools", []):
+        if pool.get("name") == data["pool"] and pool.get("count"):
+            pool["count"] = max(0, int(pool["count"]) - 1)
+            return (f"pool {data['pool']} now has count {pool['count']} in dcx's record; set the same count "
+                    f"in {state.spec_file or 'the spec file'}, or the next create makes a node again")
+    return f"take {data['name']} out of pool {data['pool']}'s inventory, or the next create joins it again"

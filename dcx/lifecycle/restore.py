@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import stat
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -49,7 +51,12 @@ def _bad(path: Path, why: str) -> InputError:
 def read_members(path: Path) -> tuple[bytes, dict[str, bytes]]:
     """(the archive's bytes, its regular-file members by name). Nothing is written to disk."""
     try:
-        raw = path.read_bytes()
+        # O_NONBLOCK and a regular-file check first: a FIFO or /dev/zero would otherwise hang or fill memory.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _bad(path, "is not a regular file (a device, pipe or socket)")
+            raw = fh.read()
     except OSError as exc:
         raise InputError(f"{path}: cannot read the backup ({exc.strerror})") from None
     members: dict[str, bytes] = {}

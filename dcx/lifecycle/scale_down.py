@@ -1,13 +1,15 @@
 """Nodes leaving a running cluster (a pool scaled down, a pool dropped): the engine takes them out
-(drained, control nodes demoted first), then their machines go."""
+(drained, control nodes demoted first), then their machines go, and the nodes that stay drop them from
+the mesh (delete_machines: every removal, also a move's, `cluster roll`'s and `node remove`'s, ends there)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 from dcx.bootstrap.engines import get_engine
 from dcx.bootstrap.phases import RunContext, run_phases
-from dcx.bootstrap.runtime import RemoveDcxFiles
+from dcx.bootstrap.runtime import GatherFacts, RemoveDcxFiles
 from dcx.bootstrap.ssh import connect_with_retry
 from dcx.lifecycle.session import (
     Connect,
@@ -32,11 +34,13 @@ def remove_nodes(session: Session, spec: ClusterSpec, ctx: RunContext, leaving: 
                                        ctx.reporter, ctx.parallel), leaving_ctx.hosts)
     finally:
         leaving_ctx.sessions.close()
-    delete_machines(session, spec, leaving, options)
+    delete_machines(session, spec, leaving, options, ctx)
 
 
-def delete_machines(session: Session, spec: ClusterSpec, leaving: list[Node], options: Options) -> None:
-    """Nodes that have left the cluster: their machines go (given machines are reset), and state forgets them."""
+def delete_machines(session: Session, spec: ClusterSpec, leaving: list[Node], options: Options,
+                    staying: RunContext) -> None:
+    """Nodes that have left the cluster: their machines go (given machines are reset), state forgets them
+    (with the relay routes to or through them), and the nodes in `staying` narrow the mesh to themselves."""
     by_provider: dict[str, list[Node]] = {}
     for n in leaving:
         by_provider.setdefault(n.provider, []).append(n)
@@ -47,6 +51,26 @@ def delete_machines(session: Session, spec: ClusterSpec, leaving: list[Node], op
         provider.delete_nodes(pools_by_provider(spec).get(name, []), nodes)
         for n in nodes:
             session.forget_node(n.name)
+    narrow_mesh(session, spec, staying, options)
+
+
+def narrow_mesh(session: Session, spec: ClusterSpec, ctx: RunContext, options: Options) -> None:
+    """After nodes left: the providers' firewalls let in the mesh port from the nodes in `ctx` only, and
+    when the cluster uses the mesh, those nodes' dcx0 is configured again with each other as the only
+    peers (the create's mesh phases, on them alone: `wg syncconf`, no restart; pairs a departed relay
+    served are relayed anew), so that a plain re-run after this finds nothing to change in the mesh."""
+    from dcx.bootstrap.mesh import mesh_phases, mesh_wanted
+    from dcx.lifecycle.apply import assign_mesh, open_mesh_between_providers
+
+    open_mesh_between_providers(session, spec, [h.node for h in ctx.hosts])
+    if not ctx.hosts or not mesh_wanted(ctx):
+        return
+    unseen = [h for h in ctx.hosts if h.facts is None]  # `node remove` has not connected to them yet
+    if unseen:
+        run_phases(dataclasses.replace(ctx, hosts=unseen), [Connect(min(options.ssh_timeout, 60)), GatherFacts()])
+    ctx.shared.pop("mesh_answered", None)  # what the departed nodes saw before they left
+    assign_mesh(session, spec, ctx)  # addresses as recorded; forgets routes whose ends or relay left
+    run_phases(ctx, mesh_phases(ctx))
 
 
 def reset_files(session: Session, spec: ClusterSpec, nodes: list[Node], options: Options) -> None:

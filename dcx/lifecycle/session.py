@@ -94,6 +94,11 @@ class Session:
         self.state.resources.pop(f"mesh/address/{name}", None)
         for prefix in ("placement/", "replace/", "move/"):  # dcx.plan, dcx.lifecycle.replace
             self.state.resources.pop(prefix + name, None)
+        from dcx.bootstrap.relay import key, routes_from_resources
+
+        for p, relay in routes_from_resources(self.state.resources).items():  # routes to or through it
+            if name in (*p, relay):
+                self.state.resources.pop(key(p), None)
         if self.state.host_keys.pop(name, None) is not None:
             access.write_known_hosts(self.cdir, self.state.host_keys)
         self.save()

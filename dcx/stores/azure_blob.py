@@ -36,13 +36,28 @@ class AzureBlobBackend:
                     raise InputError(f"state store {self.url}: AZURE_STORAGE_CONNECTION_STRING is for account "
                                      f"'{service.account_name}', not '{account}'")
             else:
-                from azure.identity import DefaultAzureCredential
-
-                service = BlobServiceClient(f"https://{account}.blob.core.windows.net",
-                                            credential=DefaultAzureCredential(exclude_interactive_browser_credential=True))
+                service = BlobServiceClient(f"https://{account}.blob.core.windows.net", credential=self._credential())
         except ValueError as exc:
             raise InputError(f"state store {self.url}: AZURE_STORAGE_CONNECTION_STRING: {exc}") from None
         self.container = service.get_container_client(container)
+
+    def _credential(self) -> Any:
+        """DefaultAzureCredential with a token obtained once: no credential is one line at once, not the
+        SDK's multi-line warnings on the terminal for every retry of the first call (~90 s)."""
+        from azure.identity import DefaultAzureCredential
+
+        from dcx.log import log
+        from dcx.providers.azure_api import CREDENTIAL_HINT, route_sdk_logs
+
+        route_sdk_logs(log)  # the chain's warnings go to the run log
+        credential = DefaultAzureCredential(exclude_interactive_browser_credential=True)
+        try:
+            credential.get_token("https://storage.azure.com/.default")
+        except self._exc.ClientAuthenticationError as exc:
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise DcxError(f"state store {self.url}: no usable Azure credentials ({first})",
+                           hint=CREDENTIAL_HINT + ", or set AZURE_STORAGE_CONNECTION_STRING") from None
+        return credential
 
     def _blob(self, key: str) -> Any:
         return self.container.get_blob_client(self.prefix + key)

@@ -140,8 +140,10 @@ class Sealers:
 def check_kms(scheme: str) -> None:
     """DCX_STATE_KMS_KEY names an AWS KMS key: usable with s3:// stores only (exit 2 otherwise)."""
     if os.environ.get(KMS_ENV) and scheme != "s3":
-        raise InputError(f"{KMS_ENV}: KMS envelope encryption is AWS KMS only, for s3:// stores; a {scheme}:// "
-                         "store seals secrets with DCX_STATE_KEY (Cloud KMS and Key Vault are not supported yet)")
+        article = "an" if scheme == "az" else "a"
+        raise InputError(f"{KMS_ENV}: KMS envelope encryption is AWS KMS only, for s3:// stores; {article} "
+                         f"{scheme}:// store seals secrets with DCX_STATE_KEY (Cloud KMS and Key Vault are not "
+                         "supported yet)")
 
 
 def sealer_from_env(scheme: str = "s3") -> Sealers | None:

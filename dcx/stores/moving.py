@@ -3,10 +3,14 @@ breaking a dead holder's lock."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import stat
 import tarfile
 import tempfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ from dcx.state import (
     ClusterState,
     StateStore,
     atomic_write,
+    check_output_file,
     ensure_private_dir,
 )
 from dcx.stores.lock import holder_line, read_holder
@@ -50,6 +55,7 @@ def write_cluster_files(cdir: ClusterDir, files: dict[str, bytes]) -> None:
 def export_cluster(store: StateStore, name: str, file: Path) -> int:
     """Write the cluster to `file` (tar.gz, 0600: it holds the private key in clear). Files written."""
     cdir = store.cluster(name)
+    check_output_file(file.expanduser(), "the export")
     with cdir.lock("cluster export"):
         cdir.load()  # an unknown or damaged cluster says so here
         files = cluster_files(cdir)
@@ -77,14 +83,18 @@ def read_archive(file: Path) -> tuple[str, dict[str, bytes]]:
     files under one cluster-named directory are taken: no links, no absolute or `..` paths."""
     where = str(file)
     try:
-        if file.stat().st_size > MAX_ARCHIVE_BYTES:
+        info = file.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block tarfile.open, a device never end
+            raise InputError(f"{where}: is not a regular file (a device, pipe or socket)")
+        if info.st_size > MAX_ARCHIVE_BYTES:
             raise InputError(f"{where}: larger than {MAX_ARCHIVE_BYTES >> 20} MiB: not a dcx export")
         tar = tarfile.open(file, mode="r:gz")
     except (OSError, tarfile.TarError) as exc:
         raise InputError(f"{where}: not a readable tar.gz ({type(exc).__name__})") from None
     names: set[str] = set()
     files: dict[str, bytes] = {}
-    with tar:
+    # A truncated gzip raises EOFError, which click would turn into "interrupted" (exit 130).
+    with tar, reading_tar(where):
         for m in tar.getmembers():
             parts = m.name.split("/")
             if m.isdir():
@@ -106,6 +116,14 @@ def read_archive(file: Path) -> tuple[str, dict[str, bytes]]:
     if state.name != name:
         raise InputError(f"{where}: {name}/state.json: names cluster '{state.name[:40]}', not '{name}'")
     return name, {rel: data for rel, data in files.items() if not local_only(rel)}
+
+
+@contextlib.contextmanager
+def reading_tar(where: str) -> Iterator[None]:
+    try:
+        yield
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise InputError(f"{where}: damaged tar.gz ({type(exc).__name__}: {exc})") from None
 
 
 def import_cluster(store: StateStore, file: Path) -> str:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dcx.cli.main import hoist_global_options
 
 CLOUD_SDKS = ("boto3", "botocore", "google.cloud", "googleapiclient", "azure", "kubernetes")
@@ -82,3 +84,57 @@ def test_hoisting_keeps_remote_command_arguments() -> None:
         ["node", "ssh", "c", "n", "--", "ls", "-q", "-o", "x"]
     argv = ["-ojson", "-y", "cluster", "destroy", "x"]
     assert hoist_global_options(argv) == argv
+
+
+def test_timeouts_that_are_not_seconds_are_one_line_exit_2(tmp_path: Path) -> None:
+    """inf passed click's min=0 and crashed the timer thread (OverflowError, a traceback, the command ran on);
+    a bad DCX_LOCK_TIMEOUT was an internal error at the first lock."""
+    for args, env, expect in [
+        (["--timeout", "inf"], {}, "dcx: invalid value for --timeout: 'inf' is not a number of seconds"),
+        (["--timeout=nan"], {}, "invalid value for '--timeout'"),
+        ([], {"DCX_TIMEOUT": "inf"}, "DCX_TIMEOUT: 'inf' is not a number of seconds"),
+        ([], {"DCX_LOCK_TIMEOUT": "soon"}, "DCX_LOCK_TIMEOUT: 'soon' is not a number of seconds"),
+    ]:
+        r = dcx(*args, "cluster", "list", env=env, home=tmp_path)
+        assert r.returncode == 2, (args, env, r.stderr)
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr
+        assert r.stdout == ""
+    # Beyond what a timer can wait (~292 years) is no deadline at all, not a crash.
+    r = dcx("--timeout", "1e12", "version", "-o", "json", home=tmp_path)
+    assert r.returncode == 0 and r.stderr == "" and json.loads(r.stdout)["version"]
+
+
+def test_an_eof_error_inside_a_command_is_an_internal_error_not_an_interrupt(tmp_path: Path) -> None:
+    """typer turns any EOFError a command raises (a truncated gzip, a closed stream) into Abort, which was
+    reported as `interrupted` with exit 130, as if the user had pressed Ctrl-C."""
+    code = ("import gzip, sys\n"
+            "from dcx.cli import cluster, main\n"
+            "@cluster.app.command('truncated')\n"
+            "def truncated() -> None:\n"
+            "    gzip.decompress(gzip.compress(b'x' * 1000)[:20])\n"
+            "sys.argv = ['dcx', 'cluster', 'truncated']\n"
+            "main.main()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "TMPDIR": str(tmp_path)}, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1, r.stderr
+    assert "error: internal error: EOFError: Compressed file ended" in r.stderr and "interrupted" not in r.stderr
+    crash_log = r.stderr.rsplit("(details: ", 1)[1].rstrip(")\n")
+    assert crash_log.startswith(str(tmp_path)) and "gzip" in Path(crash_log).read_text()
+
+
+def test_an_azure_blob_store_without_credentials_is_one_line_at_once(tmp_path: Path) -> None:
+    """DefaultAzureCredential with nothing to use printed the SDK's ~12-line warning per retry for ~90 s
+    before an error. Its managed-identity probe is pointed at a closed local port (no IMDS, no network);
+    PATH holds no az or pwsh, HOME no token cache."""
+    pytest.importorskip("azure.identity", reason="azure-identity is not installed")
+    pytest.importorskip("azure.storage.blob", reason="azure-storage-blob is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "MSI_", "IDENTITY_"))}
+    env.update({"HOME": str(tmp_path), "PATH": str(Path(sys.executable).parent), "DCX_HOME": str(tmp_path / "h"),
+                "IDENTITY_ENDPOINT": "http://127.0.0.1:1/token", "IDENTITY_HEADER": "x"})
+    r = subprocess.run([sys.executable, "-m", "dcx", "--state", "az://acct/cont/p", "cluster", "list"],
+                       capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=40)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("error: state store az://acct/cont/p: no usable Azure credentials"), r.stderr
+    assert len(lines) == 2 and lines[1].startswith("hint: run `az login`") and r.stdout == ""

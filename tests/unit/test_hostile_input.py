@@ -290,3 +290,132 @@ def test_ssh_config_is_parsed_once_for_all_hosts(tmp_path: Path, monkeypatch: py
     assert {r["name"]: (r["user"], r["port"]) for r in rows}["node2"] == ("root", 22)
     config.write_text("Host node2\n  User changed\n")  # a new version of the file is read again
     assert {r["name"]: r["user"] for r in hostcheck.show(tmp_path / "hosts.ini", None)}["node2"] == "changed"
+
+
+# --- archives a user names: `create --restore FILE`, `cluster import FILE`, and -o FILE of backup, export and
+# diagnose. Each is refused in one line (plus a hint) before any node is contacted or anything is written; the
+# recorded cluster's one host (127.0.0.1:1) would fail with exit 1 were it contacted first.
+
+ARCHIVE_SPEC = HEAD + ("  pools:\n    - {name: control, role: control, provider: ssh,"
+                       " ssh: {hosts: [{name: h1, address: 127.0.0.1, port: 1}]}}\n")
+
+
+def backup_archive(engine: str = "swarm", version: int = 1) -> bytes:
+    """An archive as `dcx cluster backup` writes one (its own writer), with incompressible engine state."""
+    import random
+
+    from dcx.lifecycle.backup import KIND, build_archive
+
+    manifest = {"kind": KIND, "schema_version": version, "cluster": "old", "cluster_id": "0123abcd",
+                "engine": engine, "created_at": "2026-12-01T00:00:00Z", "source_node": "c1", "images": []}
+    return build_archive(manifest, {"spec.json": b"{}\n",
+                                    "engine/raft.tar.gz": random.Random(0).randbytes(64_000)})
+
+
+def truncated(data: bytes) -> bytes:
+    return data[:len(data) // 2]
+
+
+def recorded_cluster(work: Path) -> None:
+    """Cluster `demo` recorded in the case's DCX_HOME (work/../home), as `create` leaves one."""
+    from dcx.spec import load
+    from dcx.state import ClusterState, StateStore
+
+    (work / "demo.yaml").write_text(ARCHIVE_SPEC)
+    node = {"name": "h1", "pool": "control", "provider": "ssh", "role": "control", "ssh_address": "127.0.0.1",
+            "ssh_port": 1}
+    cdir = StateStore(work.parent / "home").cluster("demo")
+    cdir.save(ClusterState(name="demo", id="0123abcd", status="ready", spec_file=str(work / "demo.yaml"),
+                           spec=load(work / "demo.yaml").model_dump(mode="json"), nodes={"h1": node},
+                           resources={"ssh/node/h1": node}))
+    cdir.ensure_ssh_key()
+
+
+def exported_cluster(work: Path, file: Path) -> None:
+    """`dcx cluster export` of the recorded cluster: a dcx tar.gz that is not a backup."""
+    from dcx.state import StateStore
+    from dcx.stores.moving import export_cluster
+
+    recorded_cluster(work)
+    export_cluster(StateStore(work.parent / "home"), "demo", file)
+
+
+def restore(file: str) -> list[str]:
+    return ["cluster", "create", "-f", SPEC, "--restore", file, "--ssh-timeout", "1"]
+
+
+ARCHIVE_CASES = [
+    Case("restore-missing", restore("{dir}/nope.tgz"), "{dir}/nope.tgz: cannot read the backup (No such file"),
+    Case("restore-fifo", restore("{dir}/fifo.yaml"), "{dir}/fifo.yaml: is not a regular file", setup=fifo),
+    Case("restore-dev-zero", restore("/dev/zero"), "/dev/zero: is not a regular file (a device, pipe or socket)"),
+    Case("restore-not-gzip", restore("{dir}/b.tgz"), "{dir}/b.tgz: damaged or not a backup archive (ReadError",
+         {"b.tgz": "hello\n"}),
+    Case("restore-truncated", restore("{dir}/b.tgz"), "{dir}/b.tgz: damaged or not a backup archive (EOFError",
+         {"b.tgz": truncated(backup_archive())}),
+    Case("restore-other-engine", restore("{dir}/b.tgz"),
+         f"{{dir}}/b.tgz: a backup of a k3s cluster cannot be restored into the swarm cluster of {SPEC}",
+         {"b.tgz": backup_archive("k3s")}),
+    Case("restore-newer-schema", restore("{dir}/b.tgz"), "backup schema_version 99 is not one this dcx reads",
+         {"b.tgz": backup_archive(version=99)}),
+    Case("restore-an-export", restore("{dir}/b.tgz"), "{dir}/b.tgz: not a dcx backup (no manifest.json)",
+         setup=lambda d: exported_cluster(d, d / "b.tgz")),
+    Case("import-fifo", ["cluster", "import", "{dir}/fifo.yaml"], "{dir}/fifo.yaml: is not a regular file",
+         setup=fifo),
+    Case("import-dev-zero", ["cluster", "import", "/dev/zero"], "/dev/zero: is not a regular file"),
+    Case("import-truncated", ["cluster", "import", "{dir}/e.tgz"], "{dir}/e.tgz: damaged tar.gz (EOFError",
+         {"e.tgz": truncated(backup_archive())}),
+    Case("backup-to-dev-null", ["cluster", "backup", "demo", "-o", "/dev/null"],
+         "/dev/null: is not a regular file: give a new file name for the backup", setup=recorded_cluster),
+    Case("backup-to-missing-dir", ["cluster", "backup", "demo", "-o", "{dir}/no/b.tgz"],
+         "{dir}/no/b.tgz: directory {dir}/no does not exist", setup=recorded_cluster),
+    Case("backup-to-sysfs", ["cluster", "backup", "demo", "-o", "/sys/b.tgz"],
+         "/sys/b.tgz: cannot write the backup there (", setup=recorded_cluster),
+    Case("backup-to-directory", ["cluster", "backup", "demo", "-o", "{dir}"], "is a directory",
+         setup=recorded_cluster),
+    Case("export-to-dev-null", ["cluster", "export", "demo", "-o", "/dev/null"],
+         "/dev/null: is not a regular file: give a new file name for the export", setup=recorded_cluster),
+    Case("diagnose-to-dev-null", ["cluster", "diagnose", "demo", "-o", "/dev/null"],
+         "/dev/null: is not a regular file: give a new file name for the archive", setup=recorded_cluster),
+]
+
+
+@pytest.mark.parametrize("case", ARCHIVE_CASES, ids=[c.id for c in ARCHIVE_CASES])
+def test_archive_files_refused_before_anything_is_touched(tmp_path: Path, case: Case) -> None:
+    work = tmp_path / "in"
+    work.mkdir()
+    (work / "cluster.yaml").write_text(ARCHIVE_SPEC)
+    for name, content in case.files.items():
+        (work / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    if case.setup:
+        case.setup(work)
+    before = tree(tmp_path)
+    r = run_dcx([a.replace("{dir}", str(work)) for a in case.argv], tmp_path / "home", work)
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2, r.stderr
+    assert lines and lines[0].startswith("error: ") and case.expect.replace("{dir}", str(work)) in lines[0], r.stderr
+    assert len(lines) <= 2 and all(line.startswith("hint: ") for line in lines[1:]), r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert tree(tmp_path) == before  # no state, lock, log or partial archive anywhere
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)  # as root, a rename over it would have replaced it
+
+
+def test_a_proxy_password_is_in_no_error_or_output(tmp_path: Path) -> None:
+    """Malformed, mistyped and valid proxy URLs with a password: the password is never printed, and the format
+    the error explains is not itself masked (it once read `http(s)://[user:***@]host`)."""
+    secret = "S3cretPw"
+    bad = {f"{{http: 'http://bob:{secret}@proxy:3128/path'}}": "as user:password@; percent-encode",
+           f"{{http: 'http://bob:{secret}@pro xy:3128'}}": "host 'pro xy'",
+           f"{{http: 'http://bob:{secret}@proxy:99999'}}": "port '99999'",
+           f"{{htps: 'http://bob:{secret}@proxy:3128'}}": "unknown field; did you mean 'https'?",
+           f"'http://bob:{secret}@proxy:3128'": "spec.network.proxy: must be a mapping"}
+    for i, (proxy, expect) in enumerate(bad.items()):
+        (tmp_path / f"{i}.yaml").write_text(spec_text(f"  network: {{proxy: {proxy}}}\n" + ONE_POOL))
+        r = run_dcx(["cluster", "plan", "-f", f"{i}.yaml", "-o", "json"], tmp_path / "home", tmp_path)
+        assert r.returncode == 2 and expect in r.stderr and "***" not in r.stderr, r.stderr
+        assert secret not in r.stderr + r.stdout
+    (tmp_path / "ok.yaml").write_text(spec_text(f"  network: {{proxy: {{http: 'http://bob:{secret}@proxy:3128'}}}}\n"
+                                                + ARCHIVE_SPEC.removeprefix(HEAD)))
+    r = run_dcx(["cluster", "plan", "-f", "ok.yaml", "-o", "json"], tmp_path / "home", tmp_path)
+    assert r.returncode == 0, r.stderr
+    json.loads(r.stdout)
+    assert secret not in r.stderr + r.stdout

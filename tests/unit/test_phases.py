@@ -356,7 +356,7 @@ def test_groups_and_the_create_phases_barriers() -> None:
     phases += engine.phases(ctx)
     groups = [[p.title for p in g] for g in pipeline_groups(phases)]
     assert ["Connect over SSH", "Set hostnames", "Gather host facts"] in groups
-    assert ["Preflight checks"] in groups
+    assert ["Preflight checks"] in groups  # also when the phase after it is pipelined (barrier_after)
     chain = next(g for g in groups if g[0] == "Install container runtime")
     assert chain[1:4] == ["Start container runtime", "Install WireGuard", "Make WireGuard keys on each node"]
     assert ["Configure the WireGuard mesh"] in groups
@@ -364,3 +364,16 @@ def test_groups_and_the_create_phases_barriers() -> None:
     assert ["Initialise swarm on the first control node"] in groups
     assert ["Join control nodes", "Join workers"] in groups
     assert ["Verify every node is Ready"] in groups
+
+
+def test_a_pipelined_phase_after_a_barrier_after_phase_waits_for_every_host() -> None:
+    """Preflight: a host that passed it must not change anything while another host may still fail it."""
+    ctx, _ = make_ctx(3)
+    log: list[tuple[str, ...]] = []
+    lock = threading.Lock()
+    check = Step("check", log, lock, pipelined=False, fail={"n3"})
+    check.barrier_after = True
+    with pytest.raises(PhaseFailed) as info:
+        run_phases(ctx, [check, Step("change", log, lock)])
+    assert info.value.title == "check"
+    assert not any(e[1] == "change" for e in log)

@@ -62,7 +62,8 @@ def test_password_is_a_secret_and_not_stored(tmp_path: Path) -> None:
     spec = load(spec_file(tmp_path, network_proxy=f"{{http: '{SECRET_URL}', noProxy: 'registry.corp,.corp'}}"))
     assert spec.spec.network.proxy.http == SECRET_URL  # used as given
     assert spec.spec.network.proxy.noProxy == ["registry.corp", ".corp"]
-    assert redact(f"curl -x {SECRET_URL}") == "curl -x http://***@proxy.corp:3128"
+    assert redact(f"curl -x {SECRET_URL}") == "curl -x http://ops:***@proxy.corp:3128"
+    assert redact("s3cret-pw alone") == "*** alone"  # registered: redacted wherever it appears
     stored = spec.model_dump(mode="json")  # what state.json records
     assert stored["spec"]["network"]["proxy"]["http"] == "http://ops:***@proxy.corp:3128"
     again = ClusterSpec.model_validate(stored)  # status/destroy read the recorded spec back
@@ -186,11 +187,11 @@ def at(tmp_path: Path, command: str, *paths: str) -> str:
 ALL_PATHS = (proxy.PROXY_ENV, proxy.DOCKER_DROPIN, proxy.APT_CONF, *proxy.DNF_CONFS)
 
 
-def probe(tmp_path: Path, t: proxy.Target) -> dict[str, str]:
+def probe(tmp_path: Path, t: proxy.NodeFiles) -> dict[str, str]:
     return proxy.parse_probe(sh(at(tmp_path, proxy.probe_script(t), *ALL_PATHS)))
 
 
-def apply(tmp_path: Path, t: proxy.Target) -> list[str]:
+def apply(tmp_path: Path, t: proxy.NodeFiles) -> list[str]:
     have = probe(tmp_path, t)
     what = proxy.changes(t, have)
     for command, stdin in proxy.apply_commands(t, what, have.get("dnf_file", "").replace(str(tmp_path), "")):
@@ -382,3 +383,51 @@ def test_a_url_password_dcx_never_saw_is_redacted_by_its_form() -> None:
     assert redact("HTTPS_PROXY=http://ops:p%40ss-word@proxy:3128") == "HTTPS_PROXY=http://ops:***@proxy:3128"
     assert redact("ssh://root@10.0.0.1:22 http://proxy:3128 https://h:443/a@b") == \
         "ssh://root@10.0.0.1:22 http://proxy:3128 https://h:443/a@b"
+
+
+def test_k3s_install_script_runs_with_the_proxy_exported(tmp_path: Path) -> None:
+    """With a proxy, the install (and the download of the script) run with it exported, so the script's
+    create_env_file copies HTTP_PROXY/HTTPS_PROXY/NO_PROXY into the service's env file; without, unchanged."""
+    from dcx.bootstrap import k3s
+
+    env = k3s.install_env("systemd", "server", version="v1.31.4+k3s1")
+    plain = k3s.install_command(env)
+    host = SimpleNamespace(data={"proxy": None})
+    assert k3s._K3sNodes._proxied(host, plain) == plain  # type: ignore[arg-type]
+    host.data["proxy"] = P
+    proxied = k3s._K3sNodes._proxied(host, plain)  # type: ignore[arg-type]
+    (tmp_path / "proxy.env").write_text("".join(f"{line}\n" for line in P.env_lines()))
+    script = tmp_path / "install.sh"  # stands in for k3s's: prints what its create_env_file would keep
+    script.write_text("sh -c export | while read x v; do echo $v; done | grep -Ei '^(NO|HTTP|HTTPS)_PROXY'\n")
+    out = sh(proxied.replace(proxy.PROXY_ENV, str(tmp_path / "proxy.env")).replace(k3s.INSTALL_SCRIPT, str(script)))
+    assert sorted(out.replace("'", "").split()) == sorted(P.env_lines())
+
+
+def test_a_recorded_spec_with_a_masked_password_asks_for_the_file(tmp_path: Path) -> None:
+    """roll / node replace / node remove work from the spec recorded in state, where the proxy password is
+    masked: writing `***` to the nodes would break them, so they ask for the spec file instead."""
+    from dcx.errors import InputError
+
+    spec = load(spec_file(tmp_path, network_proxy=f"{{http: '{SECRET_URL}'}}"))
+    assert proxy.node_proxy(proxy.chosen(spec, "control", None), []).http == SECRET_URL
+    recorded = ClusterSpec.model_validate(spec.model_dump(mode="json"))
+    with pytest.raises(InputError) as err:
+        proxy.node_proxy(proxy.chosen(recorded, "control", None), [])
+    assert "-f FILE" in str(err.value) and "s3cret-pw" not in str(err.value)
+
+
+def test_roll_and_node_commands_take_the_spec_file_of_the_same_cluster(tmp_path: Path) -> None:
+    from dcx.errors import InputError
+    from dcx.lifecycle.replace import recorded_spec
+
+    path = spec_file(tmp_path, network_proxy=f"{{http: '{SECRET_URL}'}}")
+    recorded = load(path)
+    store = SimpleNamespace(cluster=lambda name: SimpleNamespace(
+        load=lambda: SimpleNamespace(name=name, spec=recorded.model_dump(mode="json"), spec_file=str(path))))
+    _, from_state = recorded_spec(store, "px")
+    assert ":***@" in from_state.spec.network.proxy.http
+    _, from_file = recorded_spec(store, "px", str(path))
+    assert from_file.spec.network.proxy.http == SECRET_URL
+    with pytest.raises(InputError) as err:
+        recorded_spec(store, "other", str(path))
+    assert "metadata.name: is px, not cluster other" in str(err.value)

@@ -173,7 +173,8 @@ def run_retire(monkeypatch: pytest.MonkeyPatch, session: Session, hosts: list[Ho
     monkeypatch.setattr(replace, "get_engine", lambda kind: engine)
     monkeypatch.setattr(replace, "point_access_at", lambda *a: events.append(("access",)))
     monkeypatch.setattr("dcx.lifecycle.scale_down.delete_machines",
-                        lambda sess, spec, nodes, options: events.append(("delete", [n.name for n in nodes])))
+                        lambda sess, spec, nodes, options, staying: events.append(
+                            ("delete", [n.name for n in nodes], sorted(h.name for h in staying.hosts))))
     ctx = RunContext("c", spec(), hosts, None, NullReporter(), 4)  # type: ignore[arg-type]
     replace.retire(session, spec(), ctx, leaving, Options(max_unavailable=max_unavailable))
     events.append(("staying", [h.name for h in ctx.hosts]))
@@ -189,7 +190,9 @@ def test_old_nodes_leave_after_gates_workers_first_and_the_old_manager_last(monk
     engine = Engine({"c-control-1", "c-control-2"})
     events = run_retire(monkeypatch, session, [host(n) for n in OLD + NEW], OLD, engine, {}, max_unavailable=2)
     assert [e[0] for e in events] == ["access", "gate", "delete", "gate", "delete", "gate", "staying"]
-    assert events[2] == ("delete", ["c-web-1", "c-web-2"]) and events[4] == ("delete", ["c-control-1"])
+    # Each batch's machines go and the mesh narrows to the nodes still in the cluster at that moment.
+    assert events[2] == ("delete", ["c-web-1", "c-web-2"], ["c-control-1", "c-control-2", "c-web-3", "c-web-4"])
+    assert events[4] == ("delete", ["c-control-1"], ["c-control-2", "c-web-3", "c-web-4"])
     assert "c-control-1" in events[3][1]  # the manager's gate counts it (it still serves)
     assert events[-1] == ("staying", ["c-control-2", "c-web-3", "c-web-4"])
     # Two managers -> one: the old one is demoted (driven from the new one) and only then removed.
@@ -251,3 +254,116 @@ def test_an_old_node_that_does_not_answer_leaves_first(session: Session) -> None
     assert replace.leaving_already(session, "c-web-2")
     assert session.state is not None and session.state.resources["move/c-web-2"] == {
         "by": "c-web-4", "reason": "roll", "step": "leaving"}
+
+
+# --- after nodes leave: state, firewalls and the mesh of the nodes that stay --------------------------
+
+
+def mesh_spec() -> ClusterSpec:
+    s = spec().model_dump(mode="json", by_alias=True, exclude_none=True)
+    s["spec"]["network"] = {"mesh": "wireguard"}
+    return ClusterSpec.model_validate(s)
+
+
+def test_forgetting_a_node_forgets_the_relay_routes_to_and_through_it(session: Session) -> None:
+    for k, relay in {"mesh/relay/a,b": "r", "mesh/relay/a,gone": "r", "mesh/relay/c,d": "gone",
+                     "mesh/relay/b,c": "a"}.items():
+        session.journal(k, relay)
+    session.journal("mesh/address/gone", "100.96.0.9")
+    session.forget_node("gone")
+    assert session.state is not None
+    assert {k: v for k, v in session.state.resources.items() if k.startswith("mesh/")} == {
+        "mesh/relay/a,b": "r", "mesh/relay/b,c": "a"}
+    assert session.cdir.load().resources == session.state.resources  # saved
+
+
+def mesh_host(name: str, address: str, key: str, facts: bool = True) -> Host:
+    n = Node(name=name, pool="web", provider="local", role="worker", ssh_address=address,
+             private_address=address, public_address=address)
+    h = Host(node=n, target=None, conn=None)  # type: ignore[arg-type]
+    h.facts = object() if facts else None
+    h.data.update(mesh_pubkey=key)
+    return h
+
+
+def narrow(monkeypatch: pytest.MonkeyPatch, session: Session, s: ClusterSpec, hosts: list[Host]) -> list[Any]:
+    """scale_down.narrow_mesh with the firewall call and the phase runs recorded (not run)."""
+    from dcx.lifecycle import scale_down
+
+    calls: list[Any] = []
+    monkeypatch.setattr("dcx.lifecycle.apply.open_mesh_between_providers",
+                        lambda sess, sp, nodes: calls.append(("firewall", sorted(n.name for n in nodes))))
+
+    def run_phases(ctx: RunContext, phases: list[Any]) -> None:
+        calls.append(("phases", sorted(h.name for h in ctx.hosts), [type(p).__name__ for p in phases], ctx))
+
+    monkeypatch.setattr(scale_down, "run_phases", run_phases)
+    ctx = RunContext("c", s, hosts, None, NullReporter(), 4)  # type: ignore[arg-type]
+    ctx.shared["mesh_answered"] = {"gone": {"a", "b"}}
+    scale_down.narrow_mesh(session, s, ctx, Options())
+    return calls
+
+
+def test_the_nodes_that_stay_narrow_firewalls_and_mesh_to_themselves(monkeypatch: pytest.MonkeyPatch,
+                                                                     session: Session) -> None:
+    from dcx.bootstrap.mesh import render_public_conf
+
+    s = mesh_spec()
+    for name, address in {"a": "100.96.0.1", "b": "100.96.0.2", "c": "100.96.0.3"}.items():
+        session.journal(f"mesh/address/{name}", address)
+    session.journal("mesh/relay/a,b", "c")  # still valid: every end stays
+    session.journal("mesh/relay/a,c", "gone")  # left in state by an older dcx: its relay is gone
+    hosts = [mesh_host("a", "10.0.0.1", "KA"), mesh_host("b", "10.0.0.2", "KB"),
+             mesh_host("c", "10.0.0.3", "KC", facts=False)]  # `node remove`: c not connected yet
+    calls = narrow(monkeypatch, session, s, hosts)
+    # The firewalls first (the departed addresses lose the mesh port), then facts where missing, then
+    # the create's mesh phases, on the staying nodes only.
+    assert [c[:3] for c in calls] == [
+        ("firewall", ["a", "b", "c"]),
+        ("phases", ["c"], ["Connect", "GatherFacts"]),
+        ("phases", ["a", "b", "c"], ["InstallWireGuard", "MeshKeys", "MeshConfigure", "MeshReach", "MeshRelays",
+                                     "MeshVerify"])]
+    ctx = calls[2][3]
+    assert "mesh_answered" not in ctx.shared  # MeshReach asks again, without the departed node's answers
+    assert ctx.shared["mesh_routes"] == {("a", "b"): "c"}
+    assert session.state is not None and "mesh/relay/a,c" not in session.state.resources
+    conf = render_public_conf(ctx, ctx.host("a"))
+    assert [line for line in conf.splitlines() if line.startswith("PublicKey")] == ["PublicKey = KB",
+                                                                                    "PublicKey = KC"]
+    assert "AllowedIPs = 100.96.0.2/32, 100.96.0.3/32" in conf  # b through c, as recorded
+
+
+def test_without_a_mesh_only_the_firewalls_narrow(monkeypatch: pytest.MonkeyPatch, session: Session) -> None:
+    calls = narrow(monkeypatch, session, spec(), [mesh_host("a", "10.0.0.1", "KA")])  # one network, mesh: auto
+    assert calls == [("firewall", ["a"])]
+
+
+def test_scale_down_narrows_after_the_machines_are_gone(monkeypatch: pytest.MonkeyPatch, session: Session) -> None:
+    """scale_down.remove_nodes (apply's scale-down, `node remove`): engine, then machines and state, then the
+    mesh of the nodes that stay."""
+    from dcx.lifecycle import scale_down
+
+    events: list[Any] = []
+    assert session.state is not None
+    session.state.nodes = {n.name: n.to_dict() for n in OLD}
+
+    class Provider:
+        resets_machines = False
+
+        def delete_nodes(self, pools: list[Any], nodes: list[Node]) -> None:
+            events.append(("delete", [n.name for n in nodes]))
+
+    class Removing:
+        def remove_nodes(self, ctx: RunContext, leaving: list[Host]) -> None:
+            events.append(("engine", sorted(h.name for h in ctx.hosts), [h.name for h in leaving]))
+
+    monkeypatch.setattr(scale_down, "get_engine", lambda kind: Removing())
+    monkeypatch.setattr(scale_down, "connect_with_retry", lambda conn, timeout: None)
+    monkeypatch.setattr(Session, "provider", lambda self, name, sp: Provider())
+    monkeypatch.setattr(scale_down, "narrow_mesh", lambda sess, sp, ctx, options: events.append(
+        ("narrow", sorted(h.name for h in ctx.hosts), sorted(sess.state.nodes))))
+    staying = RunContext("c", spec(), [host(n) for n in OLD[:2]], None, NullReporter(), 4)  # type: ignore[arg-type]
+    scale_down.remove_nodes(session, spec(), staying, OLD[2:], Options())
+    assert events == [("engine", ["c-control-1", "c-web-1", "c-web-2"], ["c-web-2"]),
+                      ("delete", ["c-web-2"]),
+                      ("narrow", ["c-control-1", "c-web-1"], ["c-control-1", "c-web-1"])]
