@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
@@ -518,9 +519,11 @@ def kill_hosts_processes(names: list[str], timeout: float = 10.0, grace: float =
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            pids = [p for p in pids if _alive(p)] + [p for p in hosts_processes(names) if p not in pids]
-            if not pids:
-                return total
+            pids = [p for p in pids if _alive(p)]
+            if not pids:  # the whole /proc walk only now (20 hosts: ~20 ms of CPU each): any started meanwhile?
+                pids = hosts_processes(names)
+                if not pids:
+                    return total
             time.sleep(0.05)
     if pids:
         raise OperationFailed(f"processes of {', '.join(names)} would not die: {pids}")
@@ -544,6 +547,16 @@ def stop_hosts(hosts: list[tuple[str, Path | None]], grace: float = 3.0) -> None
     """stop_host for several hosts: their processes are stopped all at once (SIGKILL after `grace`
     seconds), then the hosts are removed side by side."""
     kill_hosts_processes([netns for netns, _ in hosts], grace=grace)
+    # One `ip -batch` and one `rm -rf` for all of them: per host, a process each and Python's rmtree
+    # (its ~80 directories, under the GIL) cost 20 hosts about a second. What they leave is retried
+    # host by host below. (The kernel then tears the namespaces down on its own: for 20 hosts ~1.3 s,
+    # which the `ip link del` of a veth still there below waits for.)
+    plain = [n for n, _ in hosts if re.fullmatch(r"[A-Za-z0-9._-]+", n) and netns_exists(n)]  # batch syntax
+    if plain:
+        sh("ip", "-force", "-batch", "-", input="".join(f"netns del {n}\n" for n in plain), check=False)
+    homes = [str(home) for _, home in hosts if home is not None and home.exists()]
+    if homes:
+        sh("rm", "-rf", "--one-file-system", "--", *homes, check=False)
 
     def remove(netns: str, home: Path | None) -> None:
         if netns_exists(netns):

@@ -146,7 +146,7 @@ class ClusterState:
     spec_file: str = ""
     created_at: str = field(default_factory=now_iso)
     updated_at: str = field(default_factory=now_iso)
-    status: str = "new"  # new | provisioned | ready | failed | destroying
+    status: str = "new"  # new | provisioned | ready | failed | destroying | destroy-failed
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> Node.to_dict()
     resources: dict[str, Any] = field(default_factory=dict)  # provider write-ahead journal
     host_keys: dict[str, dict[str, str]] = field(default_factory=dict)  # node -> {address, type, key}

@@ -196,6 +196,8 @@ def _take_turn(ctx: RunContext, phase: Phase, host: Host) -> str:
     else:
         phase.run(ctx, host)
         outcome = "ok" if phase.read_only else "changed"
+        if outcome == "changed":  # what was read from the host before may be stale now (facts_changes)
+            host.data["changes"] = host.data.get("changes", 0) + 1
     log.info("%s: %s: %s in %.2fs", phase.title, host.name, outcome, time.monotonic() - started)
     return outcome
 

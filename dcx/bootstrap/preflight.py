@@ -4,8 +4,10 @@ else, clock skew, too little memory or disk)."""
 
 from __future__ import annotations
 
+import json
+
 from dcx.bootstrap.phases import Host, Phase, RunContext
-from dcx.bootstrap.runtime import SUPPORTED_ARCHES
+from dcx.bootstrap.runtime import LISTENING_COMMAND, SUPPORTED_ARCHES, Facts, parse_facts
 from dcx.errors import OperationFailed
 
 # The engine's own daemons may hold these ports already (a re-run): only other processes are a problem.
@@ -17,6 +19,19 @@ OWNERS = {"dockerd", "docker-proxy", "k3s", "k3s-server", "k3s-agent", "containe
 MAX_CLOCK_SKEW = 30.0  # seconds: raft (swarm) and etcd (k3s) certificates and leases need agreeing clocks
 MIN_MEMORY_KB = 512 * 1024
 MIN_DISK_KB = 2 * 1024 * 1024
+
+
+def member_ports(f: Facts) -> set[tuple[str, int]]:
+    """The ports an active swarm member's own dockerd holds (memberlist, the overlay's VXLAN socket; the raft
+    port on a manager): the facts name no owners there (ss -p is costly), and no other program can hold them
+    meanwhile."""
+    try:
+        swarm = json.loads(f.docker_swarm or "{}")
+    except ValueError:
+        return set()
+    if not isinstance(swarm, dict) or swarm.get("LocalNodeState") != "active":
+        return set()
+    return {("tcp", 7946), ("udp", 7946), ("udp", 4789)} | ({("tcp", 2377)} if swarm.get("ControlAvailable") else set())
 
 
 def host_problems(ctx: RunContext, host: Host, dupes: dict[str, list[str]]) -> list[str]:
@@ -31,8 +46,13 @@ def host_problems(ctx: RunContext, host: Host, dupes: dict[str, list[str]]) -> l
     if host.data.get("mesh_address"):
         ports.append(("udp", ctx.spec.spec.network.meshPort))
     listeners = f.listeners()
+    own = set() if f.listening_owners else member_ports(f)  # their owner is not read: dockerd's
+    if not f.listening_owners and any(listeners.get(p) not in (None, "") and p not in own for p in ports):
+        own = set()
+        listeners = parse_facts("listening=" + host.run(LISTENING_COMMAND, timeout=60, check=True,
+                                                          what="reading listening sockets").stdout).listeners()
     taken = [f"{proto}/{port} ({listeners[(proto, port)]})" for proto, port in ports
-             if (proto, port) in listeners and listeners[(proto, port)] not in OWNERS]
+             if (proto, port) in listeners and (proto, port) not in own and listeners[(proto, port)] not in OWNERS]
     if taken:
         problems.append("ports in use by other programs: " + ", ".join(taken))
     skew = host.data.get("clock_offset", 0.0)

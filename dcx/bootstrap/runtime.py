@@ -14,32 +14,53 @@ from dcx.bootstrap.phases import Host, Phase, RunContext
 from dcx.errors import OperationFailed
 from dcx.shell import q
 
+# proto/port/process of every listening socket, space separated ("" process: the kernel's, as WireGuard's).
+LISTENING_COMMAND = (
+    "ss -Hlntup 2>/dev/null | awk '{split($5, a, \":\"); p=a[length(a)]; "
+    "match($0, /users:\\(\\(\"[^\"]*\"/); u=substr($0, RSTART+9, RLENGTH-10); print $1 \"/\" p \"/\" u}' "
+    "| tr '\\n' ' '")
 FACTS_SCRIPT = r"""
+# Shell builtins and /proc files where they do: every process spawned costs each node ~2-5 ms of CPU.
+set -f
 . /etc/os-release 2>/dev/null
 echo "os_id=${ID:-unknown}"
 echo "os_like=${ID_LIKE:-}"
 echo "os_version=${VERSION_ID:-}"
-echo "arch=$(uname -m)"
-echo "kernel=$(uname -r)"
-echo "hostname=$(hostname)"
-echo "primary_ip=$(ip -4 route get 1.0.0.0 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p')"
-virtual='^(docker|br-|veth|dcx0|cni|flannel|kube)'  # container bridges and the mesh: not the host's own
-echo "addresses=$(ip -4 -o addr show scope global 2>/dev/null | awk -v v="$virtual" '$2 !~ v {print $4}' \
-  | cut -d/ -f1 | tr '\n' ' ')"
-echo "uid=$(id -u)"
+set -- $(uname -rm)
+echo "arch=$2"
+echo "kernel=$1"
+read -r h < /proc/sys/kernel/hostname && echo "hostname=$h"
+r=$(ip -4 route get 1.0.0.0 2>/dev/null)
+case $r in *" src "*) r=${r#* src }; echo "primary_ip=${r%% *}";; *) echo "primary_ip=";; esac
+a=
+while read -r _ dev _ cidr _; do
+  case $dev in docker*|br-*|veth*|dcx0*|cni*|flannel*|kube*|"") continue;; esac  # container bridges, the mesh
+  a="$a${cidr%%/*} "
+done <<EOF
+$(ip -4 -o addr show scope global 2>/dev/null)
+EOF
+echo "addresses=$a"
+while read -r k _ e _; do [ "$k" = Uid: ] && echo "uid=$e" && break; done < /proc/self/status
 echo "cpus=$(nproc 2>/dev/null || echo 0)"
-echo "mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null)"
-echo "disk_kb=$(df -Pk / 2>/dev/null | awk 'NR==2 {print $4}')"
+while read -r k v _; do [ "$k" = MemTotal: ] && echo "mem_kb=$v" && break; done < /proc/meminfo
+d=$(df -Pk / 2>/dev/null | { read -r _; read -r _ _ _ free _; echo "$free"; })
+echo "disk_kb=$d"
 echo "epoch=$(date +%s.%N 2>/dev/null || date +%s)"
 if [ -d /run/systemd/system ]; then echo init=systemd
 elif [ -e /run/openrc/softlevel ] || { command -v rc-service >/dev/null 2>&1 && [ -d /run/openrc ]; }
 then echo init=openrc
 else echo init=none; fi
 echo "docker_bin=$(command -v dockerd 2>/dev/null)"
-# One docker CLI call for both (each one costs the node ~20 ms of CPU).
-if v=$(docker info --format '{{.ServerVersion}}' 2>/dev/null); then echo docker_running=1
-else echo docker_running=0; fi
+# One docker CLI call (each costs the node ~20 ms of CPU) for the version and the swarm state, which
+# GatherSwarmState reuses when nothing changed the host in between.
+swarm=
+if v=$(docker info --format '{{.ServerVersion}}{{"\n"}}{{json .Swarm}}' 2>/dev/null); then
+  echo docker_running=1; swarm=${v#*
+}; v=${v%%
+*}
+else echo docker_running=0; v=; fi
 echo "docker_version=$v"
+printf 'docker_swarm=%s\n' "$swarm"  # not echo: dash's turns the JSON's \n escapes into newlines
 echo "wg_bin=$(command -v wg 2>/dev/null)"
 # A package install killed half-way (dpkg leaves it unconfigured, and apt refuses until it is finished).
 if command -v dpkg >/dev/null 2>&1 && [ -n "$(dpkg --audit 2>/dev/null)" ]; then echo packages_interrupted=1; fi
@@ -47,8 +68,14 @@ echo "wggo_bin=$(command -v wireguard-go 2>/dev/null)"
 if [ -d /sys/module/wireguard ] || modprobe -n wireguard >/dev/null 2>&1
 then echo wg_kernel=1; else echo wg_kernel=0; fi
 echo "sudo_ok=1"
-echo "listening=$(ss -Hlntup 2>/dev/null | awk '{split($5, a, ":"); p=a[length(a)]; \
-  match($0, /users:\(\("[^"]*"/); u=substr($0, RSTART+9, RLENGTH-10); print $1 "/" p "/" u}' | tr '\n' ' ')"
+# Listening sockets. Their owners (ss -p) cost a walk through every process's open files, so on an active
+# swarm member only the ports are read (owner "?"): Preflight asks for the owners when a port it checks is
+# not one the member's own dockerd holds (listening_owners=0).
+case $swarm in
+*'"LocalNodeState":"active"'*) echo listening_owners=0
+  echo "listening=$(ss -Hlntu 2>/dev/null | awk '{n=split($5, a, ":"); print $1 "/" a[n] "/?"}' | tr '\n' ' ')";;
+*) echo "listening=$(""" + LISTENING_COMMAND + """)";;
+esac
 """
 
 
@@ -76,6 +103,8 @@ class Facts:
     wg_kernel: bool = False
     listening: str = ""  # "tcp/2377/dockerd udp/4789/ ..." (proto/port/process)
     packages_interrupted: bool = False  # dpkg was interrupted: a binary may be there, its package unfinished
+    docker_swarm: str = ""  # `docker info` .Swarm as JSON, read with the version ("" when docker is not running)
+    listening_owners: bool = True  # False: `listening` names no processes ("?" for each)
 
     def listeners(self) -> dict[tuple[str, int], str]:
         out = {}
@@ -181,6 +210,7 @@ class GatherFacts(Phase):
 
     def run(self, ctx: RunContext, host: Host) -> None:
         host.facts = gather_facts(host)
+        host.data["facts_changes"] = host.data.get("changes", 0)  # a later phase that changes the host bumps it
         if host.facts.arch and host.facts.arch not in SUPPORTED_ARCHES:
             raise OperationFailed(f"unsupported architecture {host.facts.arch}")
 

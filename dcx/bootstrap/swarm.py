@@ -72,10 +72,25 @@ class GatherSwarmState(Phase):
     pipelined = True  # its own daemon (and mesh) up is all it needs
 
     def run(self, ctx: RunContext, host: Host) -> None:
-        host.data["swarm"] = settled_swarm_info(host)
+        host.data["swarm"] = facts_swarm_info(host) or settled_swarm_info(host)
 
     def prepare(self, ctx: RunContext) -> None:
         ctx.shared.pop("swarm_manager", None)
+
+
+def facts_swarm_info(host: Host) -> dict[str, Any] | None:
+    """The swarm state the facts read, when it still holds: no phase of this run has changed the host
+    since (runtime, proxy, mesh) and it had settled. None: read it again."""
+    if host.facts is None or not host.facts.docker_swarm or \
+            host.data.get("facts_changes") != host.data.get("changes", 0):
+        return None
+    try:
+        info = json.loads(host.facts.docker_swarm)
+    except ValueError:
+        return None
+    if not isinstance(info, dict) or not info.get("LocalNodeState") or info.get("LocalNodeState") == "pending":
+        return None
+    return info
 
 
 PENDING_WAIT = 30.0  # seconds

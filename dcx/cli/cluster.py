@@ -129,6 +129,7 @@ def roll(
     ssh_timeout: float = typer.Option(300.0, "--ssh-timeout", min=1, help="Seconds to wait for a machine's SSH."),
     file: Path = typer.Option(None, "--file", "-f", dir_okay=False,
                               help="The cluster spec (default: the one recorded at the last create)."),
+    ask_become_pass: bool = ASK_BECOME,
 ) -> None:
     """Replace every node of the pools with a new machine of the same spec, surge first: new nodes join
     and are Ready, then old ones are drained and removed, each batch after a health gate."""
@@ -139,7 +140,8 @@ def roll(
     if not o.confirm(f"replace every node of {what} of cluster {name} with a new machine?"):
         raise typer.Exit(1)
     result = roll_pools(name, pool, options(ctx, parallel=parallel, ssh_timeout=ssh_timeout,
-                                            max_unavailable=max_unavailable, key_passphrase=key_passphrase()),
+                                            max_unavailable=max_unavailable, key_passphrase=key_passphrase(),
+                                            become_password=become_password(ask_become_pass)),
                         file=str(file) if file else None)
     show_result(o, name, result)
 
@@ -207,6 +209,11 @@ def destroy(
     cluster_id: str = typer.Option("", "--cluster-id", help="With -f and no local state: which cluster of "
                                    "that name (when several exist; destroy lists them)."),
     ask_become_pass: bool = ASK_BECOME,
+    ssh_timeout: float = typer.Option(60.0, "--ssh-timeout", min=1,
+                                      help="ssh pools: seconds to wait for a machine's SSH before giving up on it."),
+    skip_unreachable: bool = typer.Option(False, "--skip-unreachable",
+                                          help="ssh pools: leave machines that do not answer as they are (named "
+                                               "in the output) instead of failing."),
 ) -> None:
     """Remove every machine and resource of the cluster (ssh pools: reset the machines)."""
     from dataclasses import asdict
@@ -225,8 +232,9 @@ def destroy(
         raise typer.Exit(1)
     had_state = StateStore().cluster(target).exists()
     try:
-        removed = destroy_cluster(name, cluster_spec, options(ctx, purge=purge, become_password=become_password(
-            ask_become_pass), key_passphrase=key_passphrase()), cluster_id=cluster_id)
+        settings = options(ctx, purge=purge, ssh_timeout=ssh_timeout, skip_unreachable=skip_unreachable,
+                           become_password=become_password(ask_become_pass), key_passphrase=key_passphrase())
+        removed = destroy_cluster(name, cluster_spec, settings, cluster_id=cluster_id)
     except SeveralClusters as exc:
         # Several clusters share the name (a colleague's, say): list them, destroy none.
         o.error(exc.message, exc.hint)

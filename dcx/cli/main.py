@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import traceback
+import warnings
 
 import typer
 
@@ -166,6 +167,9 @@ def hoist_global_options(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    # google-api-core (older releases) warns at import about the Python versions it will support next:
+    # news for whoever picks the Python dcx runs on, not for dcx's users, whose stderr has one error line.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\.")
     try:
         # standalone_mode=False: click's errors come here, to the one boundary, instead of typer's panels.
         code = app(args=hoist_global_options(sys.argv[1:]), prog_name="dcx", standalone_mode=False)

@@ -74,6 +74,7 @@ def remove(
     ssh_timeout: float = typer.Option(60.0, "--ssh-timeout", min=1, help="Seconds to wait for a machine's SSH."),
     file: Path = typer.Option(None, "--file", "-f", dir_okay=False,
                               help="The cluster spec (default: the one recorded at the last create)."),
+    ask_become_pass: bool = ASK_BECOME,
 ) -> None:
     """Drain NODE (a control node is demoted; refused when quorum would be lost), take it out of the
     cluster and delete its machine; its pool's count in dcx's record goes down by one (set the same
@@ -84,7 +85,8 @@ def remove(
     o = out(ctx)
     if not o.confirm(f"drain {node} and remove it from cluster {name} (its machine is deleted)?"):
         raise typer.Exit(1)
-    result = remove_node(name, node, options(ctx, ssh_timeout=ssh_timeout, key_passphrase=key_passphrase()),
+    result = remove_node(name, node, options(ctx, ssh_timeout=ssh_timeout, key_passphrase=key_passphrase(),
+                                             become_password=become_password(ask_become_pass)),
                          file=str(file) if file else None)
     if o.json:
         o.data(result)
@@ -101,6 +103,7 @@ def replace(
     ssh_timeout: float = typer.Option(300.0, "--ssh-timeout", min=1, help="Seconds to wait for a machine's SSH."),
     file: Path = typer.Option(None, "--file", "-f", dir_okay=False,
                               help="The cluster spec (default: the one recorded at the last create)."),
+    ask_become_pass: bool = ASK_BECOME,
 ) -> None:
     """Replace NODE with a new machine of the same spec: the new node joins and is Ready, then NODE is
     drained (demoted first when it is a control node) and removed."""
@@ -111,7 +114,8 @@ def replace(
     o = out(ctx)
     if not o.confirm(f"replace {node} of cluster {name} with a new machine?"):
         raise typer.Exit(1)
-    result = replace_node(name, node, options(ctx, ssh_timeout=ssh_timeout, key_passphrase=key_passphrase()),
+    result = replace_node(name, node, options(ctx, ssh_timeout=ssh_timeout, key_passphrase=key_passphrase(),
+                                              become_password=become_password(ask_become_pass)),
                           file=str(file) if file else None)
     show_result(o, name, result)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dcx import access
 from dcx.bootstrap.engines import get_engine
-from dcx.bootstrap.phases import run_phases
+from dcx.bootstrap.phases import PhaseFailed, run_phases
 from dcx.bootstrap.runtime import RemoveDcxFiles
-from dcx.errors import InputError
+from dcx.errors import InputError, OperationFailed
 from dcx.lifecycle.session import (
     Connect,
     Options,
@@ -109,20 +109,25 @@ def destroy_cluster(name: str | None, spec: ClusterSpec | None, options: Options
         # Providers the spec no longer names may still hold nodes or resources of this cluster.
         for pname in recorded_providers(session.state):
             groups.setdefault(pname, [])
+        failed: list[str] = []
         for pname, pools in groups.items():
             if only is not None and pname not in only:
                 continue
-            provider = session.provider(pname, spec)
-            reporter.note(f"destroying {pname} resources")
-            nodes = provider.list_nodes(pools) if session.state.id else []
-            recorded = [Node.from_dict(d) for d in session.state.nodes.values() if d.get("provider") == pname]
-            known = {n.name: n for n in recorded + nodes}
-            if provider.resets_machines:
-                reset_hosts(session, spec, list(known.values()), options)
-            if known:
-                provider.delete_nodes(pools, list(known.values()))
-                removed += [f"node {n}" for n in sorted(known)]
-            removed += provider.sweep(pools)
+            try:
+                removed += destroy_provider(session, spec, pname, pools, options)
+            except OperationFailed as exc:
+                # One provider that cannot finish (a bare-metal host that is down, a cloud API refusing)
+                # must not leave the others' machines running: go on, keep the state, say what is left.
+                failed.append(pname)
+                reporter.note(f"{pname}: could not finish: {' '.join(exc.message.split())[:300]}")
+        if failed:
+            session.state.status = "destroy-failed"
+            session.save()
+            raise OperationFailed(
+                f"destroy of {name} did not finish for {', '.join(failed)} (the other providers' resources "
+                "are gone; the state keeps what is left)",
+                hint=f"re-run `dcx cluster destroy {name}` once they answer; machines of ssh pools that are gone "
+                     "for good: add --skip-unreachable (they are left as they are)")
         if spec.file and not stateless:
             warn_of_namesakes(session, spec, name)
         access.teardown(session.cdir, name)
@@ -130,6 +135,23 @@ def destroy_cluster(name: str | None, spec: ClusterSpec | None, options: Options
         # object right after them (no other run can take the lock in between); the directory on release.
         session.cdir.remove()
     return removed
+
+
+def destroy_provider(session: Session, spec: ClusterSpec, pname: str, pools: list, options: Options) -> list[str]:
+    """Everything one provider holds of the cluster: machines it keeps are reset first, then deleted."""
+    assert session.state is not None
+    provider = session.provider(pname, spec)
+    session.reporter.note(f"destroying {pname} resources")
+    nodes = provider.list_nodes(pools) if session.state.id else []
+    recorded = [Node.from_dict(d) for d in session.state.nodes.values() if d.get("provider") == pname]
+    known = {n.name: n for n in recorded + nodes}
+    removed: list[str] = []
+    if provider.resets_machines:
+        reset_hosts(session, spec, list(known.values()), options)
+    if known:
+        provider.delete_nodes(pools, list(known.values()))
+        removed += [f"node {n}" for n in sorted(known)]
+    return removed + provider.sweep(pools)
 
 
 def warn_of_namesakes(session: Session, spec: ClusterSpec, name: str) -> None:
@@ -157,8 +179,18 @@ def reset_hosts(session: Session, spec: ClusterSpec, nodes: list[Node], options:
         engine = get_engine(spec.spec.engine.type)
         from dcx.bootstrap.mesh import mesh_reset_phases
 
-        run_phases(ctx, [Connect(min(options.ssh_timeout, 60))] + engine.reset_phases(ctx, options.purge)
-                   + mesh_reset_phases(ctx) + [RemoveDcxFiles(options.purge)])
+        try:
+            run_phases(ctx, [Connect(min(options.ssh_timeout, 60))])
+        except PhaseFailed as exc:
+            if not options.skip_unreachable:
+                raise OperationFailed(exc.message, hint="re-run when the machines answer, or add --skip-unreachable "
+                                      "to leave those that do not as they are (reset them by hand)") from None
+            # A machine that is gone for good: it holds nothing dcx could remove; name it and go on.
+            gone = {f.host for f in exc.failures}
+            session.reporter.note(f"not reset (unreachable, left as it is): {', '.join(sorted(gone))}")
+            ctx.hosts = [h for h in ctx.hosts if h.name not in gone]
+        run_phases(ctx, engine.reset_phases(ctx, options.purge) + mesh_reset_phases(ctx)
+                   + [RemoveDcxFiles(options.purge)])
     finally:
         ctx.sessions.close()
 

@@ -186,26 +186,39 @@ def recorded_spec(store: Any, name: str, file: str | None = None) -> tuple[Any, 
 
     state = store.cluster(name).load()
     if file is None:
-        return state, spec_stub(state)
+        recorded = spec_stub(state)
+        proxies = [recorded.spec.network.proxy] + [p.proxy for p in recorded.spec.pools]
+        if any(":***@" in (url or "") for px in proxies if px for url in (px.http, px.https)):
+            # state.json keeps no secret: new machines would get `***` as the proxy password.
+            raise InputError(f"cluster {name}'s proxy password is not in dcx's state: give the spec file "
+                             "with -f FILE (the one `dcx cluster create` was run with)")
+        return state, recorded
     from dcx import spec as spec_module
 
     given = spec_module.load(file)
     if given.name != name:
-        raise InputError(f"{file}: metadata.name: is {given.name}, not cluster {name}")
+        raise given.error(("metadata", "name"), f"is {given.name}, not cluster {name}")
     return state, given
+
+
+def is_made_machine(node: dict[str, Any]) -> bool:
+    """A machine dcx made (and can make anew), not one it was given (an ssh pool's host)."""
+    from dcx.plan import PLACEMENT_KEYS
+    from dcx.providers.registry import provider_class
+
+    return not provider_class(node["provider"]).resets_machines and node["provider"] in PLACEMENT_KEYS
 
 
 def replaceable(spec: ClusterSpec, node: dict[str, Any]) -> None:
     """Only machines dcx makes can be replaced by new ones: a given machine (ssh pool) is the same host."""
-    from dcx.plan import PLACEMENT_KEYS
-    from dcx.providers.registry import provider_class
+    from dcx.errors import InputError
 
-    if provider_class(node["provider"]).resets_machines or node["provider"] not in PLACEMENT_KEYS:
-        raise OperationFailed(f"{node['name']} is a machine dcx was given (pool {node['pool']}, {node['provider']}): "
+    if not is_made_machine(node):
+        raise InputError(f"{node['name']} is a machine dcx was given (pool {node['pool']}, {node['provider']}): "
                               "it has no new machine to be replaced by",
                               hint="to rebuild it, reset it (`dcx node remove`), then re-run `dcx cluster create`")
     if node["pool"] not in {p.name for p in spec.spec.pools}:
-        raise OperationFailed(f"{node['name']}'s pool {node['pool']} is no longer in the spec",
+        raise InputError(f"{node['name']}'s pool {node['pool']} is no longer in the spec",
                               hint="`dcx cluster create -f FILE` removes it")
 
 
@@ -223,6 +236,14 @@ def roll(name: str, pools: list[str], options: Options, store: Any = None, file:
     if unknown:
         raise InputError(f"cluster {name} has no pool {', '.join(unknown)} (pools: {', '.join(known)})")
     nodes = [n for n in state.nodes.values() if not pools or n["pool"] in pools]
+    if not pools:  # every pool: those of given machines (ssh) have nothing to be replaced by
+        given = sorted({n["pool"] for n in nodes if not is_made_machine(n)})
+        if given and options.reporter:
+            options.reporter.note(f"pool{'s' if len(given) > 1 else ''} {', '.join(given)}: machines dcx was "
+                                  "given are not rolled (they have no new machine to be replaced by)")
+        nodes = [n for n in nodes if is_made_machine(n)]
+        if not nodes:
+            raise InputError(f"cluster {name} has no node on a machine dcx made: nothing to roll")
     for n in nodes:
         replaceable(spec, n)
     return apply(spec, options, store, replace_nodes={n["name"]: "roll" for n in nodes})

@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from dcx import access
 from dcx.bootstrap.engines import ClusterEngine
 from dcx.bootstrap.phases import Host, Phase, Reporter, RunContext
 from dcx.bootstrap.runtime import GatherFacts, InstallRuntime, SetHostname, StartRuntime
 from dcx.bootstrap.ssh import HostKeyStore, Sessions, Target, connect_with_retry
-from dcx.errors import DcxError, OperationFailed
+from dcx.errors import DcxError, InputError, OperationFailed
 from dcx.log import log, start_run_log, stop_run_log
 from dcx.providers.base import Node, NodeRequest, Provider, ProviderContext
 from dcx.providers.registry import provider_class
@@ -35,6 +37,7 @@ class Options:
     key_passphrase: str | None = field(default=None, repr=False)
     max_unavailable: int = 1  # nodes that leave at once when nodes are replaced (replace.batches)
     restore: str | None = None  # `create --restore FILE`: a `dcx cluster backup` archive (dcx.lifecycle.restore)
+    skip_unreachable: bool = False  # destroy: a given machine (ssh pool) that does not answer is left as it is
 
 
 class Session:
@@ -262,7 +265,13 @@ logging.getLogger("dcx").addHandler(logging.NullHandler())
 
 def spec_stub(state: ClusterState) -> Any:
     if state.spec:
-        spec = ClusterSpec.model_validate(state.spec)
+        try:
+            spec = ClusterSpec.model_validate(state.spec)
+        except ValidationError as exc:  # edited by hand, or written by another dcx
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "spec"
+            raise InputError(f"the spec recorded in cluster {state.name}'s state does not validate ({where}: "
+                             f"{first['msg']})", hint="give the spec file with -f FILE") from None
         # Paths in the spec (inventories, keys) stay relative to the file it was applied from.
         spec._file = state.spec_file
         return spec

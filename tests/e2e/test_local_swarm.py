@@ -289,3 +289,36 @@ def test_create_after_losing_dcx_home_names_the_old_cluster(dcx_cli: tuple[Dcx, 
     r = cli.run("cluster", "destroy", "-f", str(spec), "--cluster-id", old_id, "--yes")
     assert r.returncode == 0, r.stdout + r.stderr
     assert leftovers(old_id, name) == [] and registry_entries(name) == []
+
+
+def test_destroy_goes_on_past_a_dead_bare_metal_host(dcx_cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    """One provider that cannot finish (a given machine that is gone) must not leave the others' machines:
+    destroy removes what it can, keeps the state and says what is left; --skip-unreachable ends it."""
+    cli, clusters = dcx_cli
+    name = "e2e-deadhost"
+    clusters.append(name)
+    spec = tmp_path / "cluster.yaml"
+    # The ssh pool first: its provider is destroyed first, fails, and the local one must still go.
+    local = cluster_yaml(name, "10.213.211.0/24", control=1, workers=0).splitlines()
+    dead = ("    - {name: metal, role: worker, provider: ssh,"
+            " ssh: {hosts: [{name: gone-1, address: 127.0.0.1, port: 1}]}}")
+    spec.write_text("\n".join(local[:-1] + [dead, local[-1]]) + "\n")
+    cli.run("cluster", "create", "-f", str(spec), "--provision-only", check=True)
+    cluster_id = cli.state(name)["id"]
+    assert len(registry_entries(name)) == 1
+
+    r = cli.run("cluster", "destroy", name, "--yes", "--ssh-timeout", "2")
+    assert r.returncode == 1, r.stdout + r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: destroy of {name} did not finish for ssh"), r.stderr
+    assert "--skip-unreachable" in r.stderr and "Traceback" not in r.stderr
+    assert "gone-1" in r.stdout + r.stderr
+    said = r.stdout + r.stderr
+    assert -1 < said.index("destroying ssh resources") < said.index("destroying local resources"), said
+    assert leftovers(cluster_id, name) == []  # the local node went although the ssh host failed first
+    assert cli.state(name)["status"] == "destroy-failed"
+
+    r = cli.run("cluster", "destroy", name, "--yes", "--ssh-timeout", "2", "--skip-unreachable")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "not reset (unreachable, left as it is): gone-1" in r.stdout + r.stderr
+    assert not (cli.home / "clusters" / name).exists()

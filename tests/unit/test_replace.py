@@ -367,3 +367,35 @@ def test_scale_down_narrows_after_the_machines_are_gone(monkeypatch: pytest.Monk
     assert events == [("engine", ["c-control-1", "c-web-1", "c-web-2"], ["c-web-2"]),
                       ("delete", ["c-web-2"]),
                       ("narrow", ["c-control-1", "c-web-1"], ["c-control-1", "c-web-1"])]
+
+
+def test_roll_of_every_pool_leaves_given_machines_and_a_named_one_is_bad_input(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mixed cluster (local pool + ssh pool) rolls its made machines; ssh pools are named and left; an ssh
+    pool asked for by name is refused as bad input before anything is made."""
+    from dcx.errors import InputError
+
+    mixed = ClusterSpec.model_validate({
+        "apiVersion": "dcx/v1", "kind": "Cluster", "metadata": {"name": "c"},
+        "spec": {"pools": [
+            {"name": "control", "role": "control", "count": 1, "provider": "local", "local": {"subnet": A}},
+            {"name": "metal", "role": "worker", "provider": "ssh",
+             "ssh": {"hosts": [{"name": "m1", "address": "127.0.0.1"}]}}]}})
+    store = StateStore(tmp_path)
+    state = ClusterState(name="c", id="0123abcd", engine="swarm", spec=mixed.model_dump(mode="json"))
+    for n in (node("c-control-1", "control", "control"), node("m1", "metal", provider="ssh")):
+        state.nodes[n.name] = n.to_dict()
+    cdir = store.cluster("c")
+    cdir.create_dirs()
+    cdir.save(state)
+    asked: dict[str, Any] = {}
+    monkeypatch.setattr("dcx.lifecycle.apply.apply",
+                        lambda s, o, st, replace_nodes: asked.update(replace_nodes) or "applied")
+    notes: list[str] = []
+    reporter = NullReporter()
+    reporter.note = notes.append  # type: ignore[method-assign]
+    assert replace.roll("c", [], Options(reporter=reporter), store) == "applied"
+    assert asked == {"c-control-1": "roll"}
+    assert notes == ["pool metal: machines dcx was given are not rolled (they have no new machine to be replaced by)"]
+    with pytest.raises(InputError, match="m1 is a machine dcx was given"):
+        replace.roll("c", ["metal"], Options(), store)
