@@ -60,6 +60,8 @@ class TaskSampler:
 
 
 def test_scale_down_drains_the_node_before_it_leaves(dcx_cli: tuple[Dcx, list[str]], tmp_path: Path) -> None:
+    from tests.e2e.test_moves import PORT, Client  # here: test_moves imports this module's sampler
+
     cli, clusters = dcx_cli
     name = "e2e-drain"
     clusters.append(name)
@@ -68,8 +70,12 @@ def test_scale_down_drains_the_node_before_it_leaves(dcx_cli: tuple[Dcx, list[st
     cli.run("cluster", "create", "-f", str(spec), check=True)
     cli.run("image", "import", name, "--busybox", "--tag", "dcx-e2e/busybox:1", check=True)
     replicas = 4  # one per node (swarm spreads them): the node that leaves has one
+    # A web server on each node's own address (host network), asked over and over from this machine. The
+    # drained node's task must be able to run beside another one: the second on a node takes the next port.
     docker(cli, name, "service", "create", "--detach", "--name", "web", "--replicas", str(replicas),
-           "--endpoint-mode", "dnsrr", "--stop-grace-period", "1s", "dcx-e2e/busybox:1", "sleep", "1000000")
+           "--network", "host", "--endpoint-mode", "dnsrr", "--stop-grace-period", "1s", "dcx-e2e/busybox:1",
+           "sh", "-c", f"mkdir -p /www && hostname > /www/index.html && "
+           f"{{ httpd -f -p {PORT} -h /www || exec httpd -f -p {PORT + 1} -h /www; }}")
 
     def placed() -> list[str]:
         out = docker(cli, name, "service", "ps", "web", "--filter", "desired-state=running", "--format",
@@ -81,12 +87,13 @@ def test_scale_down_drains_the_node_before_it_leaves(dcx_cli: tuple[Dcx, list[st
     assert leaving in wait_for(placed, 90, "one running task per node")
 
     spec.write_text(cluster_yaml(name, "10.213.221.0/24", workers=2))
-    with TaskSampler(cli, name, "web") as sampler:
+    with Client(cli, name) as client, TaskSampler(cli, name, "web") as sampler:
         started = time.monotonic()
         r = cli.run("cluster", "create", "-f", str(spec), timeout=600)
         took = time.monotonic() - started
         time.sleep(2)  # a last sample or two after the node is gone
     assert r.returncode == 0, r.stdout + r.stderr
+    assert client.failed == 0 and client.total >= 50, (client.total, client.failures[:5])
     samples = sampler.samples
     assert len(samples) > 5, samples
 
@@ -109,6 +116,7 @@ def test_scale_down_drains_the_node_before_it_leaves(dcx_cli: tuple[Dcx, list[st
     drained = re.search(rf"{leaving} drained in ([0-9.]+)s", log)
     assert drained, "no drain recorded in the run log"
     print(f"\nscale-down 3 -> 2 workers: {took:.1f}s in all; drain of {leaving}: {drained.group(1)}s; "
+          f"{client.failed} failed of {client.total} requests; "
           f"{len(samples)} samples, fewest running {min(len(x) for x, _ in samples)}/{replicas}")
 
 
