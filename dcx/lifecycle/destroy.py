@@ -109,7 +109,7 @@ def destroy_cluster(name: str | None, spec: ClusterSpec | None, options: Options
         # Providers the spec no longer names may still hold nodes or resources of this cluster.
         for pname in recorded_providers(session.state):
             groups.setdefault(pname, [])
-        failed: list[str] = []
+        failed: list[tuple[str, OperationFailed]] = []
         for pname, pools in groups.items():
             if only is not None and pname not in only:
                 continue
@@ -118,16 +118,16 @@ def destroy_cluster(name: str | None, spec: ClusterSpec | None, options: Options
             except OperationFailed as exc:
                 # One provider that cannot finish (a bare-metal host that is down, a cloud API refusing)
                 # must not leave the others' machines running: go on, keep the state, say what is left.
-                failed.append(pname)
-                reporter.note(f"{pname}: could not finish: {' '.join(exc.message.split())[:300]}")
+                failed.append((pname, exc))
+                reporter.note(f"{pname}: could not finish; going on with the other providers")
         if failed:
             session.state.status = "destroy-failed"
-            session.save()
-            raise OperationFailed(
-                f"destroy of {name} did not finish for {', '.join(failed)} (the other providers' resources "
-                "are gone; the state keeps what is left)",
-                hint=f"re-run `dcx cluster destroy {name}` once they answer; machines of ssh pools that are gone "
-                     "for good: add --skip-unreachable (they are left as they are)")
+            if session.cdir.path.exists():  # a destroy by the spec alone keeps no state
+                session.save()
+            what = "; ".join(f"{pname}: {' '.join(exc.message.split())[:300]}" for pname, exc in failed)
+            hints = list(dict.fromkeys(exc.hint for _, exc in failed if exc.hint))
+            raise OperationFailed(f"destroy of {name} did not finish ({what}); the state keeps what is left",
+                                  hint="; ".join(hints) or f"re-run `dcx cluster destroy {name}` once it can finish")
         if spec.file and not stateless:
             warn_of_namesakes(session, spec, name)
         access.teardown(session.cdir, name)
