@@ -12,6 +12,7 @@ move (the old nodes still have their old placement or their mark) and goes on fr
 from __future__ import annotations
 
 import dataclasses
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -139,15 +140,28 @@ def leave_cluster(engine: Any, ctx: RunContext, hosts: list[Host]) -> None:
         engine.remove(ctx, api, h)
 
 
+GATE_SETTLE = 60.0  # seconds a node may take to show Ready again before a gate fails
+GATE_POLL = 2.0
+
+
 def gate(session: Session, spec: ClusterSpec, hosts: list[Host], options: Options, before: list[str]) -> None:
     """Every node that is in the cluster now is Ready (health.cluster_health: asked of the node and of the
     engine). A gate that fails stops the move with every old node that has not left yet still serving."""
     from dcx.lifecycle.health import cluster_health
 
-    health, _ = cluster_health(session, spec, [h.node for h in hosts], options)
-    bad = sorted(name for name, h in health.items() if not h.ready)
-    if not bad:
-        return
+    # A membership change settles over a few seconds (a manager that left moves the raft leadership, and
+    # the new leader shows the workers as "unknown" until they report again), as kOps' rolling update
+    # validates a cluster over a window: the gate fails only when a node stays not Ready for GATE_SETTLE.
+    deadline = time.monotonic() + GATE_SETTLE
+    while True:
+        health, _ = cluster_health(session, spec, [h.node for h in hosts], options)
+        bad = sorted(name for name, h in health.items() if not h.ready)
+        if not bad:
+            return
+        if time.monotonic() >= deadline:
+            break
+        log.info("health gate: waiting for %s to be Ready", ", ".join(bad))
+        time.sleep(GATE_POLL)
     detail = ", ".join(f"{n} ({health[n].state}{': ' + health[n].detail if health[n].detail else ''})" for n in bad)
     what = f"before removing {', '.join(before)}" if before else "after the last removal"
     log.error("health gate failed %s: %s", what, detail)

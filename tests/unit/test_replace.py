@@ -170,6 +170,7 @@ def run_retire(monkeypatch: pytest.MonkeyPatch, session: Session, hosts: list[Ho
         return {n.name: NodeHealth(n.name, not_ready.get(i) != n.name, state="down") for n in nodes}, {}
 
     monkeypatch.setattr("dcx.lifecycle.health.cluster_health", health)
+    monkeypatch.setattr(replace, "GATE_SETTLE", 0.0)  # each gate asks once (settling: its own test)
     monkeypatch.setattr(replace, "get_engine", lambda kind: engine)
     monkeypatch.setattr(replace, "point_access_at", lambda *a: events.append(("access",)))
     monkeypatch.setattr("dcx.lifecycle.scale_down.delete_machines",
@@ -399,3 +400,27 @@ def test_roll_of_every_pool_leaves_given_machines_and_a_named_one_is_bad_input(
     assert notes == ["pool metal: machines dcx was given are not rolled (they have no new machine to be replaced by)"]
     with pytest.raises(InputError, match="m1 is a machine dcx was given"):
         replace.roll("c", ["metal"], Options(), store)
+
+
+def test_a_gate_waits_for_a_node_that_settles_and_fails_on_one_that_does_not(
+        monkeypatch: pytest.MonkeyPatch, session: Session) -> None:
+    """After a manager leaves, the new raft leader shows workers "unknown" for a few seconds: a gate asks
+    again until GATE_SETTLE has passed, and fails only for a node that is still not Ready then."""
+    asked: list[int] = []
+
+    def health(sess: Session, spec_: Any, nodes: list[Node], options: Options) -> tuple[dict[str, NodeHealth], dict]:
+        asked.append(1)
+        settled = len(asked) >= 3
+        return {n.name: NodeHealth(n.name, settled or n.name != "c-web-1", state="unknown") for n in nodes}, {}
+
+    monkeypatch.setattr("dcx.lifecycle.health.cluster_health", health)
+    monkeypatch.setattr(replace, "GATE_POLL", 0.01)
+    hosts = [host(n) for n in CLUSTER]
+    replace.gate(session, spec(), hosts, Options(), before=[])
+    assert len(asked) == 3
+    asked.clear()
+    monkeypatch.setattr(replace, "GATE_SETTLE", 0.015)
+    monkeypatch.setattr(replace, "GATE_POLL", 0.02)
+    with pytest.raises(OperationFailed, match=r"not Ready: c-web-1 \(unknown\)"):
+        replace.gate(session, spec(), hosts, Options(), before=[])
+    assert len(asked) == 2
