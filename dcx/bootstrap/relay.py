@@ -33,7 +33,8 @@ from dcx.shell import q
 
 Pair = tuple[str, str]
 PREFIX = "mesh/relay/"
-REACH_WINDOW = 10.0  # seconds a pair has to answer directly before it is relayed (WireGuard retries every 5 s)
+REACH_WINDOW = 20.0  # seconds a pair has to answer directly before it is relayed (WireGuard retries every 5 s;
+#                     under load the first tries can be lost, and a relay once chosen stays while it works)
 
 
 def pair(a: str, b: str) -> Pair:
