@@ -111,6 +111,9 @@ class SSHSpec(_Model):
         return value
 
 
+MASKED_PASSWORD = ":***@"  # how a proxy URL's password is recorded in state.json
+
+
 class ProxySpec(_Model):
     """An HTTP(S) proxy for what the nodes download (packages, Docker's image pulls, k3s, dcx's own
     fetches). dcx adds the cluster's own ranges to noProxy itself (dcx.bootstrap.proxy)."""
@@ -147,8 +150,13 @@ class ProxySpec(_Model):
         # The spec is recorded in state.json, which holds no secret: the password is masked there.
         userinfo = grammar.proxy_userinfo(value)
         if ":" in userinfo:
-            return value.replace(userinfo + "@", userinfo.partition(":")[0] + ":***@", 1)
+            return value.replace(userinfo + "@", userinfo.partition(":")[0] + MASKED_PASSWORD, 1)
         return value
+
+    @property
+    def password_masked(self) -> bool:
+        """Read back from state.json: the password is gone (writing it to nodes would write the mask)."""
+        return any(MASKED_PASSWORD in url for url in (self.http, self.https))
 
 
 class NetworkSpec(_Model):

@@ -124,7 +124,7 @@ def cluster_ranges(ctx: RunContext) -> list[str]:
 def node_proxy(chosen_spec: Any, ranges: list[str]) -> Proxy | None:
     if chosen_spec is None or not (chosen_spec.http or chosen_spec.https):
         return None
-    if any(":***@" in (url or "") for url in (chosen_spec.http, chosen_spec.https)):
+    if chosen_spec.password_masked:
         # A spec read back from state.json has the password masked (state holds no secret).
         from dcx.errors import InputError
 

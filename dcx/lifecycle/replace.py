@@ -202,7 +202,7 @@ def recorded_spec(store: Any, name: str, file: str | None = None) -> tuple[Any, 
     if file is None:
         recorded = spec_stub(state)
         proxies = [recorded.spec.network.proxy] + [p.proxy for p in recorded.spec.pools]
-        if any(":***@" in (url or "") for px in proxies if px for url in (px.http, px.https)):
+        if any(px.password_masked for px in proxies if px):
             # state.json keeps no secret: new machines would get `***` as the proxy password.
             raise InputError(f"cluster {name}'s proxy password is not in dcx's state: give the spec file "
                              "with -f FILE (the one `dcx cluster create` was run with)")
