@@ -28,6 +28,7 @@ class EngineBackup:
     files: dict[str, bytes]
     source: str = ""
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    control_members: int = 0  # the control plane's members when it was taken (0: not known)
 
 
 class ClusterEngine:

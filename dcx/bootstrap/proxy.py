@@ -235,14 +235,16 @@ def write_command(path: str, mode: str) -> str:
     return f"umask 077; mkdir -p \"$(dirname {q(path)})\" && cat > {new} && chmod {mode} {new} && mv {new} {q(path)}"
 
 
-def dnf_command(path: str, present: bool) -> str:
-    """Drop dcx's marked line (and the marker); with `present`, put it back under [main] from stdin."""
+def dnf_command(path: str, present: bool, secret: bool = False) -> str:
+    """Drop dcx's marked line (and the marker); with `present`, put it back under [main] from stdin. A
+    line that holds a password (`user:pass@`) makes the file 0600, as dnf runs as root (a user's query
+    then reads no config); without one it is 0644, as the package ships it."""
     p, new = q(path), q(f"{path}.dcx-new")
     keep = f"sed '/^{DNF_MARK}$/{{N;d}}' {p}"
     if present:  # the line is read before the pipe: inside it, stdin is sed's output
         keep = (f"l=$(cat); {keep} | awk -v l=\"$l\" "
                 f"'{{print}} /^\\[main\\]/ && !d {{print \"{DNF_MARK}\"; print l; d=1}}'")
-    return f"umask 022; {keep} > {new} && chmod 644 {new} && mv {new} {p}"
+    return f"umask 077; {keep} > {new} && chmod {'600' if secret else '644'} {new} && mv {new} {p}"
 
 
 def k3s_env_command(path: str) -> str:
@@ -259,7 +261,7 @@ def apply_commands(t: NodeFiles, what: list[str], dnf_file: str) -> list[tuple[s
         if name in what:
             out.append((write_command(path, mode) if content is not None else f"rm -f {q(path)}", content or ""))
     if "dnf" in what:
-        out.append((dnf_command(dnf_file, t.dnf_line is not None), t.dnf_line or ""))
+        out.append((dnf_command(dnf_file, t.dnf_line is not None, "@" in (t.dnf_line or "")), t.dnf_line or ""))
     if "k3s" in what and t.k3s_env:
         out.append((k3s_env_command(t.k3s_env), "".join(f"{line}\n" for line in t.k3s_lines)))
     return out

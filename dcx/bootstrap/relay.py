@@ -16,9 +16,10 @@ every mesh address into the tunnel):
   that a rebooted relay forwards again. R's own entries stay as they are.
 
 The decision is recorded in state (`mesh/relay/A,B` -> R): a re-run keeps a route while its relay is
-still in the cluster, allowed by `spec.network.relays` and answered directly by both ends; otherwise
-the pair is decided again (a lost relay is replaced by another one). Only one hop: a relay's own legs
-are direct pairs.
+still in the cluster, allowed by `spec.network.relays` and answered directly by both ends, and while
+A and B have no direct path (see DIRECT_HANDSHAKE_AGE); otherwise the pair is decided again (a lost
+relay is replaced by another one, a pair that reaches itself again goes direct). Only one hop: a
+relay's own legs are direct pairs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ from dcx.shell import q
 Pair = tuple[str, str]
 PREFIX = "mesh/relay/"
 REACH_WINDOW = 20.0  # seconds a pair has to answer directly before it is relayed (WireGuard retries every 5 s;
-#                     under load the first tries can be lost, and a relay once chosen stays while it works)
+#                     under load the first tries can be lost)
+# A relayed pair's own entries keep their endpoints and keepalive, so WireGuard goes on trying the direct
+# path (a keepalive, and so a handshake try, every 25 s). Where that path works, the pair's session is
+# renewed at least every REKEY_AFTER_TIME (120 s) plus a keepalive: a direct handshake younger than this
+# means the pair reaches each other directly again, and a re-run takes it off the relay.
+DIRECT_HANDSHAKE_AGE = 150
 
 
 def pair(a: str, b: str) -> Pair:
@@ -204,6 +210,8 @@ class MeshReach(Phase):
 
     def run(self, ctx: RunContext, host: Host) -> None:
         peers = {h.data["mesh_address"]: h.name for h in ctx.hosts if h is not host}
+        relayed = {h.data["mesh_pubkey"]: h.name for h in ctx.hosts
+                   if h is not host and pair(host.name, h.name) in current_routes(ctx)}
         answered: set[str] = set()
         deadline = time.monotonic() + REACH_WINDOW
         while True:
@@ -213,8 +221,30 @@ class MeshReach(Phase):
             if len(answered) == len(peers) or time.monotonic() > deadline:
                 break
             time.sleep(1.0)
+        # A relayed peer answers through its relay: whether the direct path works again shows in the
+        # handshakes of its own entry.
+        direct_again = direct_handshakes(host, relayed) if relayed else set()
         with ctx.lock:
             ctx.shared.setdefault("mesh_answered", {})[host.name] = answered
+            ctx.shared.setdefault("mesh_direct_again", {})[host.name] = direct_again
+
+
+HANDSHAKES_COMMAND = f"echo now $(date +%s); wg show {IFACE} latest-handshakes"
+
+
+def direct_handshakes(host: Host, keys: dict[str, str]) -> set[str]:
+    """The peers (of `keys`: public key -> name) whose own entry on this node handshook within
+    DIRECT_HANDSHAKE_AGE seconds (a handshake never made reads 0)."""
+    return fresh_handshakes(host.run(HANDSHAKES_COMMAND, timeout=30).stdout, keys)
+
+
+def fresh_handshakes(text: str, keys: dict[str, str]) -> set[str]:
+    lines = [line.split() for line in text.splitlines()]
+    now = next((int(p[1]) for p in lines if len(p) == 2 and p[0] == "now" and p[1].isdigit()), None)
+    if now is None:
+        return set()
+    return {keys[p[0]] for p in lines if len(p) == 2 and p[0] in keys and p[1].isdigit()
+            and int(p[1]) > 0 and now - int(p[1]) <= DIRECT_HANDSHAKE_AGE}
 
 
 def candidates(ctx: RunContext) -> list[Candidate]:
@@ -231,7 +261,8 @@ def decide(ctx: RunContext) -> tuple[dict[Pair, str], list[Pair]]:
     if mode == "none" or answered is None:
         return {}, []
     works = {pair(a, b) for a, peers in answered.items() for b in peers}
-    direct = {p for p in works if p not in recorded}
+    again = {pair(a, b) for a, peers in ctx.shared.get("mesh_direct_again", {}).items() for b in peers}
+    direct = {p for p in works if p not in recorded} | (again & set(recorded))
     return choose_routes(candidates(ctx), direct, mode, recorded)
 
 
@@ -251,6 +282,9 @@ class MeshRelays(MeshConfigure):
         for p, r in sorted(routes.items()):
             if before.get(p) != r:
                 ctx.reporter.note(f"mesh: {p[0]} and {p[1]} do not reach each other directly; relayed through {r}")
+        for p in sorted(set(before) - set(routes)):
+            if p not in unroutable:
+                ctx.reporter.note(f"mesh: {p[0]} and {p[1]} reach each other directly again; no longer relayed")
         for a, b in unroutable:
             ctx.reporter.note(f"mesh: {a} and {b} do not reach each other and no node reaches both")
         mode = ctx.spec.spec.network.relays

@@ -613,6 +613,13 @@ def backup_swarm(ctx: RunContext, api: Host) -> EngineBackup:
     source, managers = backup_source(ctx, api)
     info = swarm_info(source)
     key = None
+    if autolock_on(info) and managers > 1:
+        # A restored manager comes up locked; unlocking waits for its old raft's quorum, which is gone, and
+        # a locked node cannot be re-initialised (`init --force-new-cluster` answers "not a swarm manager").
+        raise OperationFailed(f"the swarm has autolock on and {managers} managers: a backup of it could not be "
+                              "restored (a restored manager unlocks only with its old managers' quorum)",
+                              hint="turn autolock off for the backup (`docker swarm update --autolock=false` on a "
+                                   "manager), back up, then turn it on again (a new unlock key)")
     if autolock_on(info):
         key = source.run("docker swarm unlock-key -q", timeout=60, check=True,
                          what="reading the unlock key").stdout.strip()
@@ -646,7 +653,7 @@ def backup_swarm(ctx: RunContext, api: Host) -> EngineBackup:
     wait_for(rejoined, 120.0, f"{source.name} to be a reachable manager again")
     log.info("swarm raft directory copied from %s (%d bytes; dockerd stopped %.1fs)", source.name, len(data), paused)
     files = {RAFT_MEMBER: data}
-    return EngineBackup(files, source=source.name, secrets={UNLOCK_KEY: key} if key else {})
+    return EngineBackup(files, source=source.name, secrets={UNLOCK_KEY: key} if key else {}, control_members=managers)
 
 
 def retarget(raft: bytes, advertise: str, data_path: str | None) -> bytes:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from dcx.cli.common import ASK_BECOME, become_password, key_passphrase, options, out
+from dcx.cli.common import ASK_BECOME, SKIP_UNREACHABLE, become_password, key_passphrase, options, out
 
 if TYPE_CHECKING:
     from dcx.cli.output import Output
@@ -30,6 +30,7 @@ def create(
                                         help="Replaced worker nodes that leave at once (control nodes: one)."),
     restore: Path = typer.Option(None, "--restore", dir_okay=False,
                                  help="Build the cluster from a `dcx cluster backup` archive (new machines)."),
+    skip_unreachable: bool = SKIP_UNREACHABLE,
 ) -> None:
     """Create the cluster in FILE, or converge it to FILE (idempotent: re-run to resume)."""
     from dcx import spec
@@ -41,7 +42,8 @@ def create(
                                                 provision_only=provision_only,
                                                 become_password=become_password(ask_become_pass),
                                                 key_passphrase=key_passphrase(), max_unavailable=max_unavailable,
-                                                restore=str(restore) if restore else None))
+                                                restore=str(restore) if restore else None,
+                                                skip_unreachable=skip_unreachable))
     show_result(o, cluster_spec.name, result)
 
 
@@ -211,9 +213,7 @@ def destroy(
     ask_become_pass: bool = ASK_BECOME,
     ssh_timeout: float = typer.Option(60.0, "--ssh-timeout", min=1,
                                       help="ssh pools: seconds to wait for a machine's SSH before giving up on it."),
-    skip_unreachable: bool = typer.Option(False, "--skip-unreachable",
-                                          help="ssh pools: leave machines that do not answer as they are (named "
-                                               "in the output) instead of failing."),
+    skip_unreachable: bool = SKIP_UNREACHABLE,
 ) -> None:
     """Remove every machine and resource of the cluster (ssh pools: reset the machines)."""
     from dataclasses import asdict

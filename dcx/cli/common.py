@@ -60,3 +60,6 @@ def key_passphrase() -> str | None:
 
 ASK_BECOME = typer.Option(False, "--ask-become-pass", "-K",
                           help="Ask for sudo's password once (non-root logins whose sudo needs one).")
+SKIP_UNREACHABLE = typer.Option(False, "--skip-unreachable",
+                                help="ssh pools: a leaving machine that does not answer is left as it is (named in "
+                                     "the output) instead of failing the run.")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from dcx.cli.common import ASK_BECOME, become_password, key_passphrase, out
+from dcx.cli.common import ASK_BECOME, SKIP_UNREACHABLE, become_password, key_passphrase, out
 
 if TYPE_CHECKING:
     from dcx.cli.output import Output
@@ -75,6 +75,7 @@ def remove(
     file: Path = typer.Option(None, "--file", "-f", dir_okay=False,
                               help="The cluster spec (default: the one recorded at the last create)."),
     ask_become_pass: bool = ASK_BECOME,
+    skip_unreachable: bool = SKIP_UNREACHABLE,
 ) -> None:
     """Drain NODE (a control node is demoted; refused when quorum would be lost), take it out of the
     cluster and delete its machine; its pool's count in dcx's record goes down by one (set the same
@@ -86,7 +87,8 @@ def remove(
     if not o.confirm(f"drain {node} and remove it from cluster {name} (its machine is deleted)?"):
         raise typer.Exit(1)
     result = remove_node(name, node, options(ctx, ssh_timeout=ssh_timeout, key_passphrase=key_passphrase(),
-                                             become_password=become_password(ask_become_pass)),
+                                             become_password=become_password(ask_become_pass),
+                                             skip_unreachable=skip_unreachable),
                          file=str(file) if file else None)
     if o.json:
         o.data(result)

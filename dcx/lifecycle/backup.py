@@ -116,6 +116,7 @@ def backup_cluster(name: str, output: Path | None, options: Options, store: Stat
         members, images = archive_members(state, session.cdir, engine_backup)
         manifest = {"kind": KIND, "schema_version": SCHEMA_VERSION, "cluster": name, "cluster_id": state.id,
                     "engine": state.engine, "created_at": now_iso(), "source_node": engine_backup.source,
+                    "control_members": engine_backup.control_members,
                     "dcx_version": __version__, "images": images}
         data = build_archive(manifest, members)
         atomic_write(path, data, 0o600)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from dcx import access
 from dcx.bootstrap.engines import get_engine
-from dcx.bootstrap.phases import PhaseFailed, run_phases
+from dcx.bootstrap.phases import run_phases
 from dcx.bootstrap.runtime import RemoveDcxFiles
 from dcx.errors import InputError, OperationFailed
 from dcx.lifecycle.session import (
-    Connect,
     Options,
     Session,
     build_context,
+    connect_for_reset,
     null_reporter,
     open_session,
     pools_by_provider,
@@ -179,16 +179,7 @@ def reset_hosts(session: Session, spec: ClusterSpec, nodes: list[Node], options:
         engine = get_engine(spec.spec.engine.type)
         from dcx.bootstrap.mesh import mesh_reset_phases
 
-        try:
-            run_phases(ctx, [Connect(min(options.ssh_timeout, 60))])
-        except PhaseFailed as exc:
-            if not options.skip_unreachable:
-                raise OperationFailed(exc.message, hint="re-run when the machines answer, or add --skip-unreachable "
-                                      "to leave those that do not as they are (reset them by hand)") from None
-            # A machine that is gone for good: it holds nothing dcx could remove; name it and go on.
-            gone = {f.host for f in exc.failures}
-            session.reporter.note(f"not reset (unreachable, left as it is): {', '.join(sorted(gone))}")
-            ctx.hosts = [h for h in ctx.hosts if h.name not in gone]
+        connect_for_reset(session, ctx, options)
         run_phases(ctx, engine.reset_phases(ctx, options.purge) + mesh_reset_phases(ctx)
                    + [RemoveDcxFiles(options.purge)])
     finally:

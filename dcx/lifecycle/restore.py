@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dcx.bootstrap.engines import EngineBackup
+from dcx.bootstrap.swarm import UNLOCK_KEY
 from dcx.errors import InputError
 from dcx.lifecycle.backup import KIND, MANIFEST, SCHEMA_VERSION, SPEC
 from dcx.spec import ClusterSpec
@@ -105,8 +106,10 @@ def read_archive(path: Path) -> Backup:
         secrets = {n.split("/", 1)[1]: members[n].decode() for n in listed if n.startswith("secrets/")}
     except (ValueError, UnicodeDecodeError):
         raise _bad(path, f"damaged backup ({SPEC} or a secret is unreadable)") from None
+    members_then = manifest.get("control_members", 0)
     engine = EngineBackup({n.split("/", 1)[1]: members[n] for n in listed if n.startswith("engine/")},
-                          source=str(manifest.get("source_node", "")), secrets=secrets)
+                          source=str(manifest.get("source_node", "")), secrets=secrets,
+                          control_members=members_then if isinstance(members_then, int) else 0)
     if not engine.files:
         raise _bad(path, "damaged backup (no engine state in it)")
     images = []
@@ -123,6 +126,10 @@ def load(path: str | Path, spec: ClusterSpec) -> Backup:
     """Read the archive and check it fits the spec (same engine), before anything changes."""
     backup = read_archive(Path(path))
     want = spec.spec.engine.type
+    if backup.engine_type == "swarm" and UNLOCK_KEY in backup.engine.secrets and backup.engine.control_members > 1:
+        raise InputError(f"{path}: the backup's swarm had autolock on and {backup.engine.control_members} managers: "
+                         "a restored manager could not be unlocked without their quorum",
+                         hint="take the backup with autolock off (`docker swarm update --autolock=false`)")
     if backup.engine_type != want:
         raise InputError(f"{path}: a backup of a {backup.engine_type} cluster cannot be restored into the {want} "
                          f"cluster of {spec.file or 'the spec'}",

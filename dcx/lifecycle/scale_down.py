@@ -16,6 +16,7 @@ from dcx.lifecycle.session import (
     Options,
     Session,
     build_context,
+    connect_for_reset,
     pools_by_provider,
 )
 from dcx.providers.base import Node
@@ -79,8 +80,8 @@ def reset_files(session: Session, spec: ClusterSpec, nodes: list[Node], options:
 
     ctx = build_context(session, spec, nodes, options)
     try:
-        run_phases(ctx, [Connect(min(options.ssh_timeout, 60))] + mesh_reset_phases(ctx)
-                   + [RemoveDcxFiles(options.purge)])
+        connect_for_reset(session, ctx, options)
+        run_phases(ctx, mesh_reset_phases(ctx) + [RemoveDcxFiles(options.purge)])
     finally:
         ctx.sessions.close()
 

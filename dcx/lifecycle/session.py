@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from dcx import access
 from dcx.bootstrap.engines import ClusterEngine
-from dcx.bootstrap.phases import Host, Phase, Reporter, RunContext
+from dcx.bootstrap.phases import Host, Phase, PhaseFailed, Reporter, RunContext, run_phases
 from dcx.bootstrap.runtime import GatherFacts, InstallRuntime, SetHostname, StartRuntime
 from dcx.bootstrap.ssh import HostKeyStore, Sessions, Target, connect_with_retry
 from dcx.errors import DcxError, InputError, OperationFailed
@@ -37,7 +37,8 @@ class Options:
     key_passphrase: str | None = field(default=None, repr=False)
     max_unavailable: int = 1  # nodes that leave at once when nodes are replaced (replace.batches)
     restore: str | None = None  # `create --restore FILE`: a `dcx cluster backup` archive (dcx.lifecycle.restore)
-    skip_unreachable: bool = False  # destroy: a given machine (ssh pool) that does not answer is left as it is
+    skip_unreachable: bool = False  # destroy and scale-down: a given machine (ssh pool) that does not answer
+    #                                 is left as it is instead of being reset
 
 
 class Session:
@@ -224,6 +225,21 @@ class Connect(Phase):
 
     def run(self, ctx: RunContext, host: Host) -> None:
         connect_with_retry(host.conn, self.timeout)
+
+
+def connect_for_reset(session: Session, ctx: RunContext, options: Options) -> None:
+    """Before given machines (ssh pools) are reset: connect to them. One that does not answer fails the
+    run, or with --skip-unreachable is named, left as it is and dropped from `ctx` (a machine gone for
+    good holds nothing dcx could remove)."""
+    try:
+        run_phases(ctx, [Connect(min(options.ssh_timeout, 60))])
+    except PhaseFailed as exc:
+        if not options.skip_unreachable:
+            raise OperationFailed(exc.message, hint="re-run when the machines answer, or add --skip-unreachable "
+                                  "to leave those that do not as they are (reset them by hand)") from None
+        gone = {f.host for f in exc.failures}
+        session.reporter.note(f"not reset (unreachable, left as it is): {', '.join(sorted(gone))}")
+        ctx.hosts = [h for h in ctx.hosts if h.name not in gone]
 
 
 def build_context(session: Session, spec: ClusterSpec, nodes: list[Node], options: Options) -> RunContext:

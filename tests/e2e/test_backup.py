@@ -127,3 +127,47 @@ def test_backup_destroy_restore_brings_the_cluster_back(dcx_cli: tuple[Dcx, list
     print(f"\nbackup/restore: cluster + service {made:.1f}s, backup {backup_s:.1f}s "
           f"({archive.stat().st_size} bytes), restore create {restore_s:.1f}s, scale-up +1 worker {scale_s:.1f}s, "
           f"total {time.monotonic() - started:.1f}s")
+
+
+def test_a_swarm_of_three_managers_is_backed_up_from_a_follower_and_restored(dcx_cli: tuple[Dcx, list[str]],
+                                                                             tmp_path: Path) -> None:
+    """Three managers: with autolock on the backup is refused before anything stops (a restored manager could
+    not be unlocked without its old quorum), saying what to do; with autolock off it is copied from a
+    non-leader while the other two keep the quorum, and restored on three new machines: the same swarm
+    with its secret, all three managers ready."""
+    cli, clusters = dcx_cli
+    old, new = "e2e-bk3-old", "e2e-bk3-new"
+    clusters += [old, new]
+    spec = tmp_path / "old.yaml"
+    spec.write_text(cluster_yaml(old, "10.213.227.0/24", control=3, workers=0))
+    cli.run("cluster", "create", "-f", str(spec), check=True)
+    docker(cli, old, "swarm", "update", "--autolock=true")
+    swarm_id = docker(cli, old, "info", "--format", "{{.Swarm.Cluster.ID}}").strip()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("three-managers\n")
+    docker(cli, old, "secret", "create", "bk3-secret", str(secret))
+    managers = docker(cli, old, "node", "ls", "--format", "{{.Hostname}} {{.ManagerStatus}}")
+    [leader] = [line.split()[0] for line in managers.splitlines() if line.endswith("Leader")]
+
+    archive = tmp_path / "backup.tar.gz"
+    refused = cli.run("cluster", "backup", old, "-o", str(archive))
+    assert refused.returncode == 1 and not archive.exists(), refused.stdout + refused.stderr
+    assert "autolock on and 3 managers" in refused.stderr and "--autolock=false" in refused.stderr, refused.stderr
+    assert "copying the raft directory" not in refused.stdout + refused.stderr  # refused before any dockerd stopped
+
+    docker(cli, old, "swarm", "update", "--autolock=false")
+    backup = cli.run("cluster", "backup", old, "-o", str(archive), check=True)
+    said = backup.stdout + backup.stderr
+    copied = re.search(r"copying the raft directory of (\S+), a non-leader manager: the other 2 keep the quorum", said)
+    assert copied and copied.group(1) != leader, said
+    cli.run("cluster", "destroy", old, "--yes", check=True)
+
+    spec2 = tmp_path / "new.yaml"
+    spec2.write_text(cluster_yaml(new, "10.213.228.0/24", control=3, workers=0))
+    restored = cli.run("cluster", "create", "-f", str(spec2), "--restore", str(archive), timeout=600)
+    assert restored.returncode == 0, restored.stdout + restored.stderr + run_logs(cli, new)[-6000:]
+    assert docker(cli, new, "info", "--format", "{{.Swarm.Cluster.ID}}").strip() == swarm_id
+    assert docker(cli, new, "secret", "ls", "--format", "{{.Name}}").split() == ["bk3-secret"]
+    rows = docker(cli, new, "node", "ls", "--format", "{{.Hostname}} {{.Status}} {{.ManagerStatus}}").splitlines()
+    assert sorted(line.split()[0] for line in rows) == [f"{new}-control-{i}" for i in (1, 2, 3)], rows
+    assert all(line.split()[1:] in (["Ready", "Leader"], ["Ready", "Reachable"]) for line in rows), rows

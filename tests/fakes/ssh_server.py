@@ -63,9 +63,18 @@ class LimitedSSHServer:
             with self._lock:
                 self.connections += 1
                 self._transports.append(transport)
-            handler = _Handler(self, transport)
+            # Negotiate off the accept loop: a client that drops the connection mid-handshake (as one
+            # does on a changed host key) makes start_server raise, and must not stop later accepts.
+            threading.Thread(target=self._serve, args=(transport,), daemon=True).start()
+
+    def _serve(self, transport: paramiko.Transport) -> None:
+        handler = _Handler(self, transport)
+        try:
             transport.start_server(server=handler)
-            threading.Thread(target=handler.serve_forwards, daemon=True).start()
+        except (paramiko.SSHException, OSError, EOFError):
+            transport.close()
+            return
+        handler.serve_forwards()
 
 
 class _Handler(paramiko.ServerInterface):

@@ -101,6 +101,12 @@ class Lab:
             key.unlink()
         netns.start_host(self.specs[host])
 
+    def power_off(self, host: str) -> None:
+        """The machine stops: every process ends (sshd, dockerd, wireguard-go) and its link goes down, so
+        that nothing answers at its address (connections time out, as to a machine switched off)."""
+        netns.kill_host_processes(self.hosts[host])
+        self.exec(host, "ip", "link", "set", "eth0", "down")
+
     def close(self) -> None:
         for ns in self.hosts.values():
             netns.stop_host(ns, self.dir / ns)

@@ -23,9 +23,10 @@ from dcx.bootstrap.engines import EngineBackup
 from dcx.bootstrap.phases import Host, RunContext
 from dcx.bootstrap.runtime import Facts, docker_stop_commands
 from dcx.bootstrap.ssh import Result, Target
-from dcx.errors import InputError
+from dcx.errors import InputError, OperationFailed
 from dcx.lifecycle import backup, restore
 from dcx.providers.base import Node
+from dcx.spec import ClusterSpec
 from dcx.state import ClusterDir, ClusterState
 from tests.unit.test_k3s import FakeRemote, load_yaml, make_ctx, make_spec
 
@@ -242,7 +243,7 @@ def swarm_backup_ctx(managers: int, autolock: bool = False) -> tuple[RunContext,
 def test_swarm_backup_stops_dockerd_copies_the_raft_directory_and_starts_it_again() -> None:
     ctx, conns = swarm_backup_ctx(1)
     got = swarm.backup_swarm(ctx, ctx.hosts[0])
-    assert got == EngineBackup({"swarm.tar.gz": b"raft tarball"}, source="c1", secrets={})
+    assert got == EngineBackup({"swarm.tar.gz": b"raft tarball"}, source="c1", secrets={}, control_members=1)
     changes = [c for c in conns["c1"].calls if not c.startswith(("docker info", "docker node"))]
     assert changes == [
         "set -e; systemctl stop docker.socket docker",
@@ -255,18 +256,44 @@ def test_swarm_backup_stops_dockerd_copies_the_raft_directory_and_starts_it_agai
     assert any("control plane pauses" in n for n in ctx.shared["notes"])
 
 
-def test_swarm_backup_with_three_managers_copies_a_follower_and_keeps_the_unlock_key() -> None:
-    ctx, conns = swarm_backup_ctx(3, autolock=True)
+def test_swarm_backup_with_three_managers_copies_a_follower() -> None:
+    ctx, conns = swarm_backup_ctx(3)
     got = swarm.backup_swarm(ctx, ctx.hosts[0])
-    assert got.source == "c2"  # c1 leads: a follower stops, the other two keep the quorum
-    assert got.secrets == {"unlock-key": "SWMKEY-1-secret"}
+    assert got.source == "c2" and got.control_members == 3  # c1 leads: a follower stops, two keep the quorum
+    assert got.secrets == {}
     assert not any("docker.socket" in c for c in conns["c1"].calls + conns["c3"].calls)
-    # The key reaches the daemon in the API request body (POST /swarm/unlock), never a command line.
-    assert [r.split(b"\r\n", 1)[0] for r in conns["c2"].requests] == [b"POST /v1.41/swarm/unlock HTTP/1.1"] or \
-        all(b"/swarm/unlock" in r.split(b"\r\n", 1)[0] for r in conns["c2"].requests)
-    assert len(conns["c2"].requests) == 1 and b"SWMKEY-1-secret" in conns["c2"].requests[0]
-    assert not any("SWMKEY" in c for c in conns["c2"].calls)
+    assert any("docker.socket" in c for c in conns["c2"].calls)
     assert not any("pauses" in n for n in ctx.shared["notes"])
+
+
+@pytest.mark.parametrize("managers", [2, 3])
+def test_swarm_backup_with_autolock_and_several_managers_is_refused_before_anything_stops(managers: int) -> None:
+    ctx, conns = swarm_backup_ctx(managers, autolock=True)
+    with pytest.raises(OperationFailed, match=f"autolock on and {managers} managers") as exc:
+        swarm.backup_swarm(ctx, ctx.hosts[0])
+    assert "--autolock=false" in (exc.value.hint or "")
+    assert not any("docker.socket" in c or "unlock-key" in c for conn in conns.values() for c in conn.calls)
+
+
+def test_swarm_backup_of_one_autolocked_manager_keeps_the_unlock_key_off_command_lines() -> None:
+    ctx, conns = swarm_backup_ctx(1, autolock=True)
+    got = swarm.backup_swarm(ctx, ctx.hosts[0])
+    assert got.secrets == {"unlock-key": "SWMKEY-1-secret"}
+    # The key reaches the daemon in the API request body (POST /swarm/unlock), never a command line.
+    assert len(conns["c1"].requests) == 1 and b"/swarm/unlock" in conns["c1"].requests[0].split(b"\r\n", 1)[0]
+    assert b"SWMKEY-1-secret" in conns["c1"].requests[0]
+    assert not any("SWMKEY" in c for c in conns["c1"].calls)
+
+
+def test_an_archive_of_an_autolocked_swarm_of_several_managers_is_refused(tmp_path: Path) -> None:
+    path = write_backup(tmp_path / "b.tar.gz", secrets={"unlock-key": "SWMKEY-1-x"}, control_members=3)
+    swarm_spec = ClusterSpec.model_validate({"apiVersion": "dcx/v1", "kind": "Cluster", "metadata": {"name": "n"},
+                                             "spec": {"pools": [{"name": "c", "role": "control", "count": 1,
+                                                                 "provider": "local"}]}})
+    with pytest.raises(InputError, match="autolock on and 3 managers"):
+        restore.load(path, swarm_spec)
+    one = write_backup(tmp_path / "one.tar.gz", secrets={"unlock-key": "SWMKEY-1-x"}, control_members=1)
+    assert restore.load(one, swarm_spec).engine.control_members == 1
 
 
 def test_init_with_force_new_cluster() -> None:

@@ -18,6 +18,7 @@ from dcx.bootstrap.relay import (
     choose_routes,
     decide,
     forwarding_ok,
+    fresh_handshakes,
     load_routes,
     pair,
     peer_paths,
@@ -201,6 +202,36 @@ def test_the_run_decides_from_what_answered_and_records_it() -> None:
                                    "d1": {"a1", "b1", "c1"}}
     MeshRelays().prepare(ctx)
     assert journal == {} and ctx.shared["mesh_routes"] == {("b1", "d1"): "a1"}
+
+
+class Notes(NullReporter):
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+def test_a_relayed_pair_that_handshakes_directly_again_goes_direct() -> None:
+    ctx = context()
+    ctx.reporter = Notes()
+    journal: dict[str, Any] = {}
+    load_routes(ctx, {"mesh/relay/b1,d1": "a1", "mesh/relay/a1,c1": "b1"}, journal.__setitem__, "abc123")
+    everyone = {n: {m for m in ADDRESSES if m != n} for n in ADDRESSES}
+    ctx.shared["mesh_answered"] = everyone
+    # a1 and c1 (relayed, say, after an outage) handshake directly again; b1 and d1 still never do.
+    ctx.shared["mesh_direct_again"] = {"a1": {"c1"}, "c1": set(), "b1": set(), "d1": set()}
+    MeshRelays().prepare(ctx)
+    assert ctx.shared["mesh_routes"] == {("b1", "d1"): "a1"}
+    assert journal == {"mesh/relay/a1,c1": None}
+    assert ctx.reporter.notes == ["mesh: a1 and c1 reach each other directly again; no longer relayed"]
+
+
+def test_only_a_recent_direct_handshake_counts() -> None:
+    keys = {"K-a1": "a1", "K-b1": "b1", "K-c1": "c1", "K-d1": "d1"}
+    text = "now 1000000\nK-a1\t999900\nK-b1\t0\nK-c1\t999000\nK-other\t999999\nK-d1\t999850\n"
+    assert fresh_handshakes(text, keys) == {"a1", "d1"}  # 100 s and 150 s old; never; 1000 s old; not asked
+    assert fresh_handshakes("K-a1\t999900\n", keys) == set()  # no clock reading: nothing is claimed
 
 
 # --- the spec field --------------------------------------------------------------------------------

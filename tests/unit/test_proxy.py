@@ -239,8 +239,14 @@ def test_dnf_line_is_added_under_main_replaced_and_removed(tmp_path: Path) -> No
                          engine="swarm", role="worker")
     apply(tmp_path, other)
     assert conf.read_text().count("proxy=") == 1 and "proxy=http://n:1" in conf.read_text()
+    assert oct(conf.stat().st_mode & 0o777) == "0o644"
+    # A proxy with a password: the file becomes readable by root only; without one again, 0644.
+    secret = proxy.target(proxy.Proxy(http="http://u:pw@n:1", https="", no_proxy=()), family="rhel",
+                          init="systemd", engine="swarm", role="worker")
+    apply(tmp_path, secret)
+    assert "proxy=http://u:pw@n:1" in conf.read_text() and oct(conf.stat().st_mode & 0o777) == "0o600"
     apply(tmp_path, proxy.target(None, family="rhel", init="systemd", engine="swarm", role="worker"))
-    assert conf.read_text() == original
+    assert conf.read_text() == original and oct(conf.stat().st_mode & 0o777) == "0o644"
 
 
 def test_k3s_env_file_as_the_install_script_writes_it(tmp_path: Path) -> None:
