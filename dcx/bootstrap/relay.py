@@ -17,7 +17,7 @@ every mesh address into the tunnel):
 
 The decision is recorded in state (`mesh/relay/A,B` -> R): a re-run keeps a route while its relay is
 still in the cluster, allowed by `spec.network.relays` and answered directly by both ends, and while
-A and B have no direct path (see DIRECT_HANDSHAKE_AGE); otherwise the pair is decided again (a lost
+A and B have no direct path (see DIRECT_TRY); otherwise the pair is decided again (a lost
 relay is replaced by another one, a pair that reaches itself again goes direct). Only one hop: a
 relay's own legs are direct pairs.
 """
@@ -36,11 +36,12 @@ Pair = tuple[str, str]
 PREFIX = "mesh/relay/"
 REACH_WINDOW = 20.0  # seconds a pair has to answer directly before it is relayed (WireGuard retries every 5 s;
 #                     under load the first tries can be lost)
-# A relayed pair's own entries keep their endpoints and keepalive, so WireGuard goes on trying the direct
-# path (a keepalive, and so a handshake try, every 25 s). Where that path works, the pair's session is
-# renewed at least every REKEY_AFTER_TIME (120 s) plus a keepalive: a direct handshake younger than this
-# means the pair reaches each other directly again, and a re-run takes it off the relay.
-DIRECT_HANDSHAKE_AGE = 150
+# A relayed pair's own entries keep their endpoints and keepalive, so that whether the direct path works
+# again can be seen: each run re-creates this node's own entry for a relayed peer (nothing is routed over
+# it: no AllowedIPs), which makes WireGuard send a handshake there at once (the keepalive) and again after
+# 5 s (REKEY_TIMEOUT). A handshake within DIRECT_TRY seconds means the pair reaches each other directly.
+# (A handshake time alone tells nothing: one made over a path that has just gone stays for minutes.)
+DIRECT_TRY = 7.0
 
 
 def pair(a: str, b: str) -> Pair:
@@ -213,7 +214,9 @@ class MeshReach(Phase):
         relayed = {h.data["mesh_pubkey"]: h.name for h in ctx.hosts
                    if h is not host and pair(host.name, h.name) in current_routes(ctx)}
         answered: set[str] = set()
-        deadline = time.monotonic() + REACH_WINDOW
+        started = time.monotonic()
+        deadline = started + REACH_WINDOW
+        retried = retry_direct(host, relayed)
         while True:
             asked = [a for a, n in peers.items() if n not in answered]
             got = parse_pings(host.run(ping_command(asked), timeout=30).stdout) if asked else {}
@@ -222,29 +225,50 @@ class MeshReach(Phase):
                 break
             time.sleep(1.0)
         # A relayed peer answers through its relay: whether the direct path works again shows in the
-        # handshakes of its own entry.
-        direct_again = direct_handshakes(host, relayed) if relayed else set()
+        # handshakes of its own, re-created entry.
+        direct_again: set[str] = set()
+        while retried:
+            direct_again = handshaken(host, retried)
+            if direct_again == set(retried.values()) or time.monotonic() - started > DIRECT_TRY:
+                break
+            time.sleep(1.0)
         with ctx.lock:
             ctx.shared.setdefault("mesh_answered", {})[host.name] = answered
             ctx.shared.setdefault("mesh_direct_again", {})[host.name] = direct_again
 
 
-HANDSHAKES_COMMAND = f"echo now $(date +%s); wg show {IFACE} latest-handshakes"
+def retry_direct_command(keys: list[str]) -> str:
+    """Re-create this node's entry for each peer in `keys` with its endpoint and keepalive as they are and
+    no AllowedIPs (as a relayed pair's entry is); prints `reset KEY` for each one re-created."""
+    parts = []
+    for k in keys:
+        key = q(k)
+        parts.append(
+            f"e=$(wg show {IFACE} endpoints | awk -v k={key} '$1 == k {{print $2}}'); "
+            f"ka=$(wg show {IFACE} persistent-keepalive | awk -v k={key} '$1 == k {{print $2}}'); "
+            f"[ -n \"$ka\" ] && wg set {IFACE} peer {key} remove && "
+            f"wg set {IFACE} peer {key} allowed-ips '' persistent-keepalive \"$ka\" "
+            f"$([ \"$e\" != '(none)' ] && [ -n \"$e\" ] && echo endpoint \"$e\") && echo reset {key}")
+    return "; ".join(parts) + "; true"
 
 
-def direct_handshakes(host: Host, keys: dict[str, str]) -> set[str]:
-    """The peers (of `keys`: public key -> name) whose own entry on this node handshook within
-    DIRECT_HANDSHAKE_AGE seconds (a handshake never made reads 0)."""
-    return fresh_handshakes(host.run(HANDSHAKES_COMMAND, timeout=30).stdout, keys)
+def retry_direct(host: Host, keys: dict[str, str]) -> dict[str, str]:
+    """The peers (public key -> name) whose entry was re-created (see DIRECT_TRY)."""
+    if not keys:
+        return {}
+    out = host.run(retry_direct_command(sorted(keys)), timeout=30).stdout
+    done = {line.split()[1] for line in out.splitlines() if len(line.split()) == 2 and line.startswith("reset ")}
+    return {k: n for k, n in keys.items() if k in done}
 
 
-def fresh_handshakes(text: str, keys: dict[str, str]) -> set[str]:
+def handshaken(host: Host, keys: dict[str, str]) -> set[str]:
+    return handshakes_made(host.run(f"wg show {IFACE} latest-handshakes", timeout=30).stdout, keys)
+
+
+def handshakes_made(text: str, keys: dict[str, str]) -> set[str]:
+    """The peers of `keys` (public key -> name) whose entry has made a handshake (0: never)."""
     lines = [line.split() for line in text.splitlines()]
-    now = next((int(p[1]) for p in lines if len(p) == 2 and p[0] == "now" and p[1].isdigit()), None)
-    if now is None:
-        return set()
-    return {keys[p[0]] for p in lines if len(p) == 2 and p[0] in keys and p[1].isdigit()
-            and int(p[1]) > 0 and now - int(p[1]) <= DIRECT_HANDSHAKE_AGE}
+    return {keys[p[0]] for p in lines if len(p) == 2 and p[0] in keys and p[1].isdigit() and int(p[1]) > 0}
 
 
 def candidates(ctx: RunContext) -> list[Candidate]:

@@ -260,6 +260,19 @@ class JoinManagers(_Join):
     role = "manager"
     serial = True  # raft membership changes one at a time
 
+    def prepare(self, ctx: RunContext) -> None:
+        from dcx.bootstrap.swarm_address import note_stale_address
+
+        super().prepare(ctx)
+        if len(self.hosts(ctx)) > 1:  # a restored manager's old raft address (RefreshRestoredManager)
+            note_stale_address(ctx, self._manager)
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        from dcx.bootstrap.swarm_address import redirect_for_join
+
+        redirect_for_join(ctx, host)
+        super().run(ctx, host)
+
 
 class JoinWorkers(_Join):
     title = "Join workers"
@@ -429,11 +442,13 @@ class SwarmEngine(ClusterEngine):
         if len(ctx.control_hosts) % 2 == 0:
             ctx.reporter.note(f"warning: {len(ctx.control_hosts)} control nodes: swarm's raft needs an odd "
                               "number to tolerate failures (3 tolerate 1, 5 tolerate 2)")
+        from dcx.bootstrap.swarm_address import RefreshRestoredManager
+
         if self.restore is not None:  # `create --restore`: the first manager starts from the backup's raft data
             return [GatherSwarmState(), SettleMembership(), RestoreSwarm(self.restore), JoinManagers(), JoinWorkers(),
-                    LabelNodes(), PruneOldNodes(), VerifySwarm()]
-        return [GatherSwarmState(), SettleMembership(), InitSwarm(), JoinManagers(), JoinWorkers(), LabelNodes(),
-                VerifySwarm()]
+                    RefreshRestoredManager(), LabelNodes(), PruneOldNodes(), VerifySwarm()]
+        return [GatherSwarmState(), SettleMembership(), InitSwarm(), JoinManagers(), JoinWorkers(),
+                RefreshRestoredManager(), LabelNodes(), VerifySwarm()]
 
     def backup(self, ctx: RunContext) -> EngineBackup:
         return backup_swarm(ctx, self._any_manager(ctx))

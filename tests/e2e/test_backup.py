@@ -171,3 +171,12 @@ def test_a_swarm_of_three_managers_is_backed_up_from_a_follower_and_restored(dcx
     rows = docker(cli, new, "node", "ls", "--format", "{{.Hostname}} {{.Status}} {{.ManagerStatus}}").splitlines()
     assert sorted(line.split()[0] for line in rows) == [f"{new}-control-{i}" for i in (1, 2, 3)], rows
     assert all(line.split()[1:] in (["Ready", "Leader"], ["Ready", "Reachable"]) for line in rows), rows
+    # Every manager's raft address is its own (the restored one moved off the old machine's address), and the
+    # redirects the joins needed meanwhile are gone.
+    ids = docker(cli, new, "node", "ls", "-q").split()
+    addrs = docker(cli, new, "node", "inspect", *ids, "--format", "{{.Description.Hostname}} {{.ManagerStatus.Addr}}")
+    assert all(line.split()[1].startswith("10.213.228.") for line in addrs.splitlines()), addrs
+    assert "Move the restored manager to its own raft address" in restored.stdout, restored.stdout
+    rules = cli.run("-o", "json", "node", "run", new, "--", "iptables -t nat -S OUTPUT; ip route show proto 186")
+    assert rules.returncode == 0 and "dcx raft redirect" not in rules.stdout and "10.213.227." not in rules.stdout, \
+        rules.stdout

@@ -334,9 +334,9 @@ def test_a_restore_replaces_the_swarm_init_and_prunes_the_old_nodes() -> None:
     engine.restore = EngineBackup({"swarm.tar.gz": b""})
     restored = [type(p).__name__ for p in engine.phases(ctx)]
     assert plain == ["GatherSwarmState", "SettleMembership", "InitSwarm", "JoinManagers", "JoinWorkers",
-                     "LabelNodes", "VerifySwarm"]
+                     "RefreshRestoredManager", "LabelNodes", "VerifySwarm"]
     assert restored == ["GatherSwarmState", "SettleMembership", "RestoreSwarm", "JoinManagers", "JoinWorkers",
-                        "LabelNodes", "PruneOldNodes", "VerifySwarm"]
+                        "RefreshRestoredManager", "LabelNodes", "PruneOldNodes", "VerifySwarm"]
 
 
 @pytest.mark.parametrize(("init", "expected"), [

@@ -18,10 +18,11 @@ from dcx.bootstrap.relay import (
     choose_routes,
     decide,
     forwarding_ok,
-    fresh_handshakes,
+    handshakes_made,
     load_routes,
     pair,
     peer_paths,
+    retry_direct_command,
     routes_from_resources,
 )
 from dcx.errors import SpecError
@@ -227,11 +228,19 @@ def test_a_relayed_pair_that_handshakes_directly_again_goes_direct() -> None:
     assert ctx.reporter.notes == ["mesh: a1 and c1 reach each other directly again; no longer relayed"]
 
 
-def test_only_a_recent_direct_handshake_counts() -> None:
-    keys = {"K-a1": "a1", "K-b1": "b1", "K-c1": "c1", "K-d1": "d1"}
-    text = "now 1000000\nK-a1\t999900\nK-b1\t0\nK-c1\t999000\nK-other\t999999\nK-d1\t999850\n"
-    assert fresh_handshakes(text, keys) == {"a1", "d1"}  # 100 s and 150 s old; never; 1000 s old; not asked
-    assert fresh_handshakes("K-a1\t999900\n", keys) == set()  # no clock reading: nothing is claimed
+def test_a_re_created_entry_counts_once_it_has_handshaken() -> None:
+    keys = {"K-a1": "a1", "K-b1": "b1", "K-c1": "c1"}
+    text = "K-a1\t999900\nK-b1\t0\nK-other\t999999\n"
+    assert handshakes_made(text, keys) == {"a1"}  # b1: never since it was re-created; c1: not there; other: not asked
+
+
+def test_re_creating_an_entry_keeps_its_endpoint_and_keepalive() -> None:
+    command = retry_direct_command(["k+/=1", "odd key"])
+    assert "wg set dcx0 peer k+/=1 remove" in command and "wg set dcx0 peer 'odd key' remove" in command
+    assert "allowed-ips ''" in command and "persistent-keepalive \"$ka\"" in command and "echo reset k+/=1" in command
+    import subprocess
+
+    assert subprocess.run(["sh", "-n", "-c", command]).returncode == 0
 
 
 # --- the spec field --------------------------------------------------------------------------------
