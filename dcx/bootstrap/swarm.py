@@ -267,9 +267,21 @@ class JoinManagers(_Join):
         if len(self.hosts(ctx)) > 1:  # a restored manager's old raft address (RefreshRestoredManager)
             note_stale_address(ctx, self._manager)
 
+    def needs_run(self, ctx: RunContext, host: Host) -> bool:
+        return not is_manager(host.data.get("swarm", {}))
+
     def run(self, ctx: RunContext, host: Host) -> None:
         from dcx.bootstrap.swarm_address import redirect_for_join
 
+        info = host.data.get("swarm", {})
+        if is_active(info):
+            # A worker of this swarm where the spec has a control node (demoted by hand, or a run stopped
+            # between RefreshRestoredManager's demote and promote): promoted, as a join would make it.
+            self._manager.run(cmd("docker", "node", "promote", str(info.get("NodeID", ""))), timeout=120,
+                              check=True, what=f"promoting {host.name}")
+            wait_for(lambda: is_manager(swarm_info(host)), 120.0, f"{host.name} to be a manager")
+            host.data["swarm"] = swarm_info(host)
+            return
         redirect_for_join(ctx, host)
         super().run(ctx, host)
 

@@ -180,3 +180,12 @@ def test_a_swarm_of_three_managers_is_backed_up_from_a_follower_and_restored(dcx
     rules = cli.run("-o", "json", "node", "run", new, "--", "iptables -t nat -S OUTPUT; ip route show proto 186")
     assert rules.returncode == 0 and "dcx raft redirect" not in rules.stdout and "10.213.227." not in rules.stdout, \
         rules.stdout
+
+    # A control node demoted by hand (or left a worker by a run stopped between the demote and the promote
+    # above) is a manager again after a re-run.
+    docker(cli, new, "node", "demote", f"{new}-control-3")
+    again = cli.run("cluster", "create", "-f", str(spec2), timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "==> Join control nodes (3 hosts)\n    1 changed, 2 unchanged" in again.stdout, again.stdout
+    rows = docker(cli, new, "node", "ls", "--format", "{{.Hostname}} {{.ManagerStatus}}").splitlines()
+    assert all(line.split()[1:] in (["Leader"], ["Reachable"]) for line in rows), rows
