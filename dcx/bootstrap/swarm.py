@@ -112,17 +112,18 @@ def settled_swarm_info(host: Host, timeout: float = PENDING_WAIT) -> dict[str, A
 
 def find_manager(ctx: RunContext) -> Host | None:
     """An existing manager of this cluster: a re-run must never initialise a second swarm."""
-    cluster_ids = {h.data["swarm"].get("Cluster", {}).get("ID")
-                   for h in ctx.hosts if is_manager(h.data.get("swarm", {}))}
-    cluster_ids.discard(None)
+    def cluster_id(h: Host) -> str:
+        # Empty while the manager cannot read the cluster (no raft leader, or it is being demoted).
+        return str((h.data["swarm"].get("Cluster") or {}).get("ID") or "")
+
+    managers = [h for h in ctx.control_hosts + ctx.worker_hosts if is_manager(h.data.get("swarm", {}))]
+    cluster_ids = {cluster_id(h) for h in managers} - {""}
     if len(cluster_ids) > 1:
         raise OperationFailed(
             "the control nodes belong to different swarms (" + ", ".join(sorted(cluster_ids)) + "); "
             "dcx will not merge them: reset the stray nodes (`docker swarm leave --force`) and re-run")
-    for h in ctx.control_hosts + ctx.worker_hosts:
-        if is_manager(h.data.get("swarm", {})):
-            return h
-    return None
+    managers.sort(key=lambda h: not cluster_id(h))  # one that knows its cluster first
+    return managers[0] if managers else None
 
 
 def membership(info: dict[str, Any], member_ids: set[str], our_addresses: set[str]) -> str:

@@ -184,6 +184,13 @@ def test_a_swarm_of_three_managers_is_backed_up_from_a_follower_and_restored(dcx
     # A control node demoted by hand (or left a worker by a run stopped between the demote and the promote
     # above) is a manager again after a re-run.
     docker(cli, new, "node", "demote", f"{new}-control-3")
+
+    def is_worker_now() -> bool:
+        r = cli.run("node", "run", new, "--node", f"{new}-control-3", "--",
+                    "docker info --format '{{.Swarm.ControlAvailable}}'")
+        return r.returncode == 0 and "false" in r.stdout
+
+    wait_for(is_worker_now, 60, f"{new}-control-3 to be a worker")
     again = cli.run("cluster", "create", "-f", str(spec2), timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "==> Join control nodes (3 hosts)\n    1 changed, 2 unchanged" in again.stdout, again.stdout
