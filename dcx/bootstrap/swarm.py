@@ -365,14 +365,18 @@ def desired_labels(ctx: RunContext, host: Host) -> dict[str, str]:
 
 
 class LabelNodes(Phase):
+    """Done when every node has its role and dcx's labels, and no entry of a replaced machine is left (an
+    unchanged re-run reports it unchanged)."""
+
     title = "Apply node roles and labels"
 
     def hosts(self, ctx: RunContext) -> list[Host]:
         return [manager_host(ctx)]
 
-    def run(self, ctx: RunContext, host: Host) -> None:
+    def needs_run(self, ctx: RunContext, host: Host) -> bool:
         by_id = {n["ID"]: n for n in swarm_nodes(host)}
-        label_updates: list[tuple[str, str]] = []
+        self._roles: list[tuple[str, str]] = []  # (node name, command): role changes go one at a time
+        self._labels: list[tuple[str, str]] = []
         for h in ctx.hosts:
             node_id = h.data.get("swarm", {}).get("NodeID")
             current = by_id.get(node_id)
@@ -384,19 +388,24 @@ class LabelNodes(Phase):
             for k, v in desired_labels(ctx, h).items():
                 if have.get(k) != v:
                     args += ["--label-add", f"{k}={v}"]
-            if current.get("Spec", {}).get("Role") != want_role:  # role changes: one at a time
-                host.run(cmd("docker", "node", "update", *args, "--role", want_role, node_id), timeout=60, check=True,
-                         what=f"labelling {h.name}")
+            if current.get("Spec", {}).get("Role") != want_role:
+                self._roles.append((h.name, cmd("docker", "node", "update", *args, "--role", want_role, node_id)))
             elif args:
-                label_updates.append((h.name, cmd("docker", "node", "update", *args, node_id)))
-        update_side_by_side(host, label_updates)
+                self._labels.append((h.name, cmd("docker", "node", "update", *args, node_id)))
         # Entries left by machines that were replaced (same dcx.node label, other ID, down) are pruned.
         current_ids = {h.data.get("swarm", {}).get("NodeID") for h in ctx.hosts}
         names = {h.name for h in ctx.hosts}
-        for node_id, n in by_id.items():
-            label = (n.get("Spec", {}).get("Labels") or {}).get(LABEL_NODE)
-            if node_id not in current_ids and label in names and n.get("Status", {}).get("State") == "down":
-                host.run(cmd("docker", "node", "rm", "--force", node_id), timeout=60)
+        self._stale = [node_id for node_id, n in by_id.items()
+                       if node_id not in current_ids and (n.get("Spec", {}).get("Labels") or {}).get(LABEL_NODE)
+                       in names and n.get("Status", {}).get("State") == "down"]
+        return bool(self._roles or self._labels or self._stale)
+
+    def run(self, ctx: RunContext, host: Host) -> None:
+        for name, command in self._roles:
+            host.run(command, timeout=60, check=True, what=f"labelling {name}")
+        update_side_by_side(host, self._labels)
+        for node_id in self._stale:
+            host.run(cmd("docker", "node", "rm", "--force", node_id), timeout=60)
 
 
 LABEL_BATCH = 10  # docker CLIs at once on the manager

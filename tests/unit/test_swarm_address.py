@@ -50,3 +50,4 @@ def test_redirect_is_idempotent_and_removed_with_its_route_only(netns: str) -> N
     assert "dcx raft redirect" not in rules and "-d 10.9.9.9/32" in rules
     assert "192.0.2.7" not in inside(netns, "ip route show")
     inside(netns, swarm_address.unredirect_command("192.0.2.7"))  # again: nothing to do, no error
+

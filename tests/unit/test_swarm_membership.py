@@ -130,3 +130,26 @@ def test_swarm_worker_removal_drains_leaves_then_removes_its_entry() -> None:
     SwarmEngine().remove_nodes(ctx, [ctx.host("w2")])
     assert [c for c in manager.calls if not c.startswith((*READS, "docker node ps"))] == [
         "docker node update --availability drain id-w2", "docker swarm leave --force", "docker node rm --force id-w2"]
+
+
+# --- roles and labels: an unchanged cluster is reported unchanged ------------------------------------
+
+def test_label_nodes_changes_only_what_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dcx.bootstrap import swarm
+    from tests.unit.test_phases import make_ctx
+
+    ctx, _ = make_ctx(2)
+    for i, h in enumerate(ctx.hosts, 1):
+        h.data["swarm"] = {"NodeID": f"id{i}"}
+    nodes = [{"ID": "id1", "Spec": {"Role": "manager", "Labels": swarm.desired_labels(ctx, ctx.hosts[0])}},
+             {"ID": "id2", "Spec": {"Role": "manager", "Labels": {}}},  # n2 is a worker in the spec
+             {"ID": "old", "Spec": {"Labels": {swarm.LABEL_NODE: "n2"}}, "Status": {"State": "down"}}]
+    monkeypatch.setattr(swarm, "swarm_nodes", lambda manager: nodes)
+    phase = swarm.LabelNodes()
+    manager = ctx.hosts[0]
+    assert phase.needs_run(ctx, manager)
+    assert [name for name, _ in phase._roles] == ["n2"] and "--role worker" in phase._roles[0][1]
+    assert "--label-add dcx.node=n2" in phase._roles[0][1] and phase._labels == [] and phase._stale == ["old"]
+    nodes[1]["Spec"] = {"Role": "worker", "Labels": swarm.desired_labels(ctx, ctx.hosts[1])}
+    del nodes[2]
+    assert not phase.needs_run(ctx, manager)  # as it is wanted: nothing to do, reported unchanged
